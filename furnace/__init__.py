@@ -1,0 +1,3 @@
+"""furnace: the shared library of the DUEB semi-supervised segmentation framework."""
+
+__version__ = "0.1.0"

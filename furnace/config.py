@@ -1,0 +1,368 @@
+"""Experiment configuration: defaults, environment and command-line overrides, derived values.
+
+An experiment folder (``exp_voc/``, ``exp_city/``, ``exp_demo/``) holds a ``config.py`` that
+builds a :class:`Config` from :func:`base_config` and sets its dataset's values; users edit it.
+Scripts load it with :func:`load_config`, which applies, in order:
+
+1. the environment variables of the reference code (``volna``, ``snapshot_dir``,
+   ``learning_rate``, ``batch_size``, ``snapshot_iter``, ``debug``),
+2. ``--set key=value`` overrides from the command line (nested keys as ``aleatoric.per_pixel``),
+3. derived values (split file names, image counts, iterations per epoch, OHEM ``min_kept``,
+   log and snapshot paths), recomputed after the overrides unless a key was set explicitly.
+
+Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import importlib.util
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and the fix."""
+
+
+class Config(dict):
+    """A dict with attribute access (``C.lr`` is ``C['lr']``); nested Configs for sub-options."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(
+                f"config has no key '{name}'; known keys: {', '.join(sorted(self))}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        del self[name]
+
+    def __deepcopy__(self, memo):
+        return Config({k: copy.deepcopy(v, memo) for k, v in self.items()})
+
+    def to_dict(self) -> dict:
+        """Plain nested dicts (for checkpoints and logs)."""
+        return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self.items()}
+
+
+def data_root(*parts: str, env: Optional[Mapping[str, str]] = None) -> str:
+    """Path under the data root: ``<repo>/DATA`` by default.
+
+    The env var ``volna`` (kept from the reference) overrides the root. It may point at a folder
+    that contains ``DATA/`` (the reference convention) or at the data folder itself; no trailing
+    slash is needed.
+    """
+    env = os.environ if env is None else env
+    root = Path(env["volna"]).expanduser() if env.get("volna") else REPO_ROOT / "DATA"
+    if (root / "DATA").is_dir():
+        root = root / "DATA"
+    return str(root.joinpath(*parts))
+
+
+# Keys whose value is derived in finalize() when left as None.
+DERIVED_KEYS = ("train_source", "unsup_source", "num_train_imgs", "num_unsup_imgs",
+                "max_samples", "niters_per_epoch", "ohem_min_kept", "snapshot_dir")
+
+# Keys restricted to a set of values.
+CHOICES = {
+    "dataset": ("voc", "city"),
+    "backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "stem": ("deep", "classic"),
+    "output_stride": (8, 16),
+    "eval_branch": (1, 2, "mean"),
+    "eval_mode": ("slide", "whole"),
+    "amp": ("auto", "off", "bf16", "fp16"),
+    "sup_loss": ("ce", "ohem"),
+}
+
+# Keys whose value may be None or a string path.
+OPTIONAL_STR = ("pretrained_model", "class_names", "train_source", "unsup_source",
+                "snapshot_dir", "device")
+# Keys whose value may be None or an int (derived when None).
+OPTIONAL_INT = ("num_train_imgs", "num_unsup_imgs", "max_samples", "niters_per_epoch",
+                "ohem_min_kept", "snapshot_keep")
+
+
+def base_config() -> Config:
+    """Values shared by every experiment (REFERENCE 1.3); dataset configs set the rest."""
+    C = Config()
+    # data
+    C.dataset = "voc"
+    C.dataset_path = data_root("pascal_voc")
+    C.split_dir = "subset_train_aug"          # where train_aug_{labeled,unlabeled}_1-N.txt live
+    C.train_source = None                      # derived from labeled_ratio
+    C.unsup_source = None                      # derived from labeled_ratio
+    C.eval_source = "val.txt"
+    C.class_names = None                       # None: the dataset's standard names
+    C.num_classes = 21
+    C.background = 0
+    C.total_train_imgs = 10582                 # size of the full training list
+    C.num_eval_imgs = 1449
+    C.labeled_ratio = 4
+    C.num_train_imgs = None                    # total // labeled_ratio
+    C.num_unsup_imgs = None                    # total - num_train_imgs
+    C.max_samples = None                       # training dataset length, max of the two
+    C.image_mean = [0.485, 0.456, 0.406]
+    C.image_std = [0.229, 0.224, 0.225]
+    C.image_height = 512
+    C.image_width = 512
+    C.train_scale_array = [0.5, 0.75, 1, 1.5, 1.75, 2.0]
+    C.num_workers = 4
+    # CutMix (REFERENCE 3.5)
+    C.cutmix_mask_prop_range = [0.25, 0.5]
+    C.cutmix_boxmask_n_boxes = 3
+    C.cutmix_boxmask_fixed_aspect_ratio = False
+    C.cutmix_boxmask_by_size = False
+    C.cutmix_boxmask_outside_bounds = False
+    C.cutmix_boxmask_no_invert = False
+    # model
+    C.backbone = "resnet50"
+    C.stem = "deep"
+    C.output_stride = 16
+    C.pretrained_model = data_root("pytorch-weight", "resnet50_v1c.pth")
+    C.pretrained_strict = True
+    C.bn_eps = 1e-5
+    C.bn_momentum = 0.1
+    # losses
+    C.sup_loss = "ce"                          # 'ce' (VOC) or 'ohem' (Cityscapes)
+    C.ohem_thresh = 0.7
+    C.ohem_min_kept_per_image = 50000          # min_kept = this * batch per process
+    C.ohem_min_kept = None
+    C.ohem_class_weight = False                # True: the 19 Cityscapes class weights
+    C.unsup_weight = 1.0
+    C.aleatoric = Config(enabled=True, samples=10, learn_variance=False, per_pixel=False,
+                         sup_weight=0.5, unsup_weight=1.0)
+    C.energy = Config(enabled=True, sup_weight=0.5, unsup_weight=1.0)
+    C.supervised_only = False                  # labelled data only (baseline, no unsup terms)
+    # optimisation
+    C.seed = 12345
+    C.lr = 0.005
+    C.lr_power = 0.9
+    C.momentum = 0.9
+    C.weight_decay = 1e-4
+    C.batch_size = 8
+    C.nepochs = 40
+    C.niters_per_epoch = None                  # max_samples // batch_size
+    C.warm_up_epoch = 0
+    C.fuse_passes = False
+    C.amp = "auto"                             # auto: bf16 on CUDA, off on CPU
+    C.deterministic = False
+    C.debug = 0                                # >0: only this many iterations per epoch
+    # checkpoints and logs
+    C.snapshot_iter = 2
+    C.snapshot_keep = None                     # keep the last K epoch files (None: all)
+    C.snapshot_dir = None                      # <log_dir>/snapshot
+    C.log_dir = "log"                          # relative to the experiment folder
+    C.tb_images_every = 200                    # iterations between tensorboard image dumps
+    # evaluation
+    C.eval_crop_size = 512
+    C.eval_stride_rate = 2 / 3
+    C.eval_scale_array = [1]
+    C.eval_flip = False
+    C.eval_branch = 1
+    C.eval_mode = "slide"
+    C.eval_batch_windows = 4
+    return C
+
+
+# ----------------------------------------------------------------------------- overrides
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_value(key: str, text: str, current: Any, source: str) -> Any:
+    """Parse ``text`` into the type of ``current`` (the default) or raise ConfigError."""
+    leaf = key.rsplit(".", 1)[-1]
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"config key '{key}' expects {expected}, got {text!r} (from {source})")
+
+    low = text.strip().lower()
+    if leaf in CHOICES:
+        allowed = CHOICES[leaf]
+        for a in allowed:
+            if low == str(a).lower():
+                return a
+        raise bad("one of " + ", ".join(map(str, allowed)))
+    if low in ("none", "null") and (current is None or leaf in OPTIONAL_STR + OPTIONAL_INT):
+        return None
+    if isinstance(current, bool):
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise bad("a boolean (true/false)")
+    if isinstance(current, int) or leaf in OPTIONAL_INT:
+        try:
+            return int(text)
+        except ValueError:
+            raise bad("an integer") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise bad("a number") from None
+    if isinstance(current, (list, tuple)):
+        try:
+            value = ast.literal_eval(text) if text.strip()[:1] in "[(" else \
+                [ast.literal_eval(v) for v in text.split(",") if v.strip()]
+        except (ValueError, SyntaxError):
+            raise bad("a list such as [0.5,1.0] or 0.5,1.0") from None
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return list(value)
+    if isinstance(current, Config):
+        raise ConfigError(f"config key '{key}' is a group; set one of its keys instead, e.g. "
+                          f"{key}.{next(iter(current))}=... (from {source})")
+    return text
+
+
+def _lookup(C: Config, key: str, source: str):
+    """Return (parent Config, leaf name) for a dotted key, or raise for unknown keys."""
+    parts = key.split(".")
+    node = C
+    for i, part in enumerate(parts):
+        if not isinstance(node, Config) or part not in node:
+            known = sorted(node) if isinstance(node, Config) else []
+            hint = difflib.get_close_matches(part, known, n=3)
+            prefix = ".".join(parts[:i])
+            where = f" in group '{prefix}'" if prefix else ""
+            msg = f"unknown config key '{key}'{where} (from {source})"
+            msg += f"; did you mean {', '.join(hint)}?" if hint else \
+                f"; known keys: {', '.join(known)}"
+            raise ConfigError(msg)
+        if i < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
+def set_value(C: Config, key: str, text: str, source: str = "--set") -> None:
+    """Set a (possibly dotted) key from its text form, checking name and type."""
+    parent, leaf = _lookup(C, key, source)
+    parent[leaf] = _parse_value(key, text, parent[leaf], source)
+
+
+def apply_overrides(C: Config, overrides: Iterable[str]) -> None:
+    """Apply ``key=value`` strings (``--set``) to ``C`` in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}; "
+                              "example: --set batch_size=4 backbone=resnet18")
+        key, text = item.split("=", 1)
+        set_value(C, key.strip(), text, source=f"--set {item}")
+
+
+def apply_env(C: Config, env: Mapping[str, str]) -> None:
+    """Environment overrides of the reference (REFERENCE 1.5); ``volna`` acts via data_root."""
+    for var, key in (("learning_rate", "lr"), ("batch_size", "batch_size"),
+                     ("snapshot_iter", "snapshot_iter")):
+        if env.get(var):
+            set_value(C, key, env[var], source=f"env {var}")
+    if env.get("snapshot_dir"):
+        C.snapshot_dir = str(Path(env["snapshot_dir"]) / "snapshot")
+    if env.get("debug") is not None and env.get("debug") != "":
+        text = env["debug"].strip().lower()
+        if text in _FALSE:       # the reference treated debug=0 as on (QUIRK 16); we do not
+            C.debug = 0
+        elif text in _TRUE:
+            C.debug = 10
+        else:
+            set_value(C, "debug", env["debug"], source="env debug")
+
+
+# ----------------------------------------------------------------------------- derived values
+
+def finalize(C: Config, exp_dir: Optional[os.PathLike] = None) -> Config:
+    """Return a copy of ``C`` with derived values filled in and every value validated."""
+    C = copy.deepcopy(C)
+    exp_dir = Path(exp_dir) if exp_dir is not None else Path(C.get("exp_dir") or os.getcwd())
+    exp_dir = exp_dir.resolve()
+    C.exp_dir = str(exp_dir)
+
+    for key in ("labeled_ratio", "batch_size", "nepochs", "num_classes", "total_train_imgs"):
+        if not isinstance(C[key], int) or C[key] < 1:
+            raise ConfigError(f"config key '{key}' must be a positive integer, got {C[key]!r}")
+    if C.num_classes < 2:
+        raise ConfigError(f"config key 'num_classes' must be >= 2, got {C.num_classes}")
+    for key, allowed in CHOICES.items():
+        if key in C and C[key] not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {allowed}, got {C[key]!r}")
+    if C.class_names is not None and len(C.class_names) != C.num_classes:
+        raise ConfigError(f"config key 'class_names' has {len(C.class_names)} names but "
+                          f"num_classes is {C.num_classes}; make them agree")
+
+    C.dataset_path = _unnest(C.dataset_path, C.eval_source)
+    ratio = C.labeled_ratio
+    if C.train_source is None:
+        C.train_source = f"{C.split_dir}/train_aug_labeled_1-{ratio}.txt"
+    if C.unsup_source is None:
+        C.unsup_source = f"{C.split_dir}/train_aug_unlabeled_1-{ratio}.txt"
+    if C.num_train_imgs is None:
+        C.num_train_imgs = C.total_train_imgs // ratio
+    if C.num_unsup_imgs is None:
+        C.num_unsup_imgs = C.total_train_imgs - C.num_train_imgs
+    if C.max_samples is None:
+        C.max_samples = max(C.num_train_imgs, C.num_unsup_imgs)
+    if C.niters_per_epoch is None:
+        # the reference's int(ceil(a // b)) is a floor division
+        C.niters_per_epoch = max(1, C.max_samples // C.batch_size)
+    if C.ohem_min_kept is None:
+        C.ohem_min_kept = C.ohem_min_kept_per_image * C.batch_size
+
+    log_dir = Path(C.log_dir)
+    if not log_dir.is_absolute():
+        log_dir = exp_dir / log_dir
+    C.log_dir = str(log_dir)
+    if C.snapshot_dir is None:
+        C.snapshot_dir = str(log_dir / "snapshot")
+    C.tb_dir = str(log_dir / "tb")
+    C.exp_time = time.strftime("%Y_%m_%d_%H_%M_%S", time.localtime())
+    C.train_log_file = str(log_dir / f"train_{C.exp_time}.log")
+    C.val_log_file = str(log_dir / f"val_{C.exp_time}.log")
+    C.link_val_log_file = str(log_dir / "val_last.log")
+    return C
+
+
+def _unnest(path: str, probe: str) -> str:
+    """The CPS VOC archive unpacks to pascal_voc/pascal_voc; accept either level."""
+    p = Path(path)
+    inner = p / p.name
+    if not (p / probe).exists() and (inner / probe).exists():
+        return str(inner)
+    return str(p)
+
+
+def load_config(exp_dir: os.PathLike, overrides: Iterable[str] = (),
+                env: Optional[Mapping[str, str]] = None) -> Config:
+    """Load ``<exp_dir>/config.py`` (its ``config`` object), apply env and ``--set``, finalize."""
+    env = os.environ if env is None else env
+    path = Path(exp_dir) / "config.py"
+    if not path.is_file():
+        raise ConfigError(f"no experiment config at {path}; each experiment folder needs a "
+                          "config.py defining `config` (see exp_voc/config.py)")
+    spec = importlib.util.spec_from_file_location(f"_exp_config_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not isinstance(getattr(module, "config", None), Config):
+        raise ConfigError(f"{path} must define `config = ...` as a furnace.config.Config")
+    C = copy.deepcopy(module.config)
+    apply_env(C, env)
+    apply_overrides(C, overrides)
+    return finalize(C, exp_dir=path.parent)
+
+
+def add_config_arguments(parser) -> None:
+    """Add ``--set key=value ...`` to an argparse parser."""
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
+                        metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set batch_size=4 backbone=resnet18")
