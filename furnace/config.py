@@ -70,7 +70,8 @@ def data_root(*parts: str, env: Optional[Mapping[str, str]] = None) -> str:
 
 # Keys whose value is derived in finalize() when left as None.
 DERIVED_KEYS = ("train_source", "unsup_source", "num_train_imgs", "num_unsup_imgs",
-                "max_samples", "niters_per_epoch", "ohem_min_kept", "snapshot_dir")
+                "max_samples", "niters_per_epoch", "ohem_min_kept", "snapshot_dir",
+                "snapshot_from")
 
 # Keys restricted to a set of values.
 CHOICES = {
@@ -89,7 +90,7 @@ OPTIONAL_STR = ("pretrained_model", "class_names", "train_source", "unsup_source
                 "snapshot_dir", "device")
 # Keys whose value may be None or an int (derived when None).
 OPTIONAL_INT = ("num_train_imgs", "num_unsup_imgs", "max_samples", "niters_per_epoch",
-                "ohem_min_kept", "snapshot_keep")
+                "ohem_min_kept", "snapshot_keep", "snapshot_from", "stop_after_epoch")
 
 
 def base_config() -> Config:
@@ -159,6 +160,8 @@ def base_config() -> Config:
     C.debug = 0                                # >0: only this many iterations per epoch
     # checkpoints and logs
     C.snapshot_iter = 2
+    C.snapshot_from = None                     # save after epochs > this (None: nepochs // 6)
+    C.stop_after_epoch = None                  # end this run after that epoch (resume with -c)
     C.snapshot_keep = None                     # keep the last K epoch files (None: all)
     C.snapshot_dir = None                      # <log_dir>/snapshot
     C.log_dir = "log"                          # relative to the experiment folder
@@ -316,6 +319,8 @@ def finalize(C: Config, exp_dir: Optional[os.PathLike] = None) -> Config:
     if C.niters_per_epoch is None:
         # the reference's int(ceil(a // b)) is a floor division
         C.niters_per_epoch = max(1, C.max_samples // C.batch_size)
+    if C.snapshot_from is None:
+        C.snapshot_from = C.nepochs // 6
     if C.ohem_min_kept is None:
         C.ohem_min_kept = C.ohem_min_kept_per_image * C.batch_size
 
@@ -343,8 +348,12 @@ def _unnest(path: str, probe: str) -> str:
 
 
 def load_config(exp_dir: os.PathLike, overrides: Iterable[str] = (),
-                env: Optional[Mapping[str, str]] = None) -> Config:
-    """Load ``<exp_dir>/config.py`` (its ``config`` object), apply env and ``--set``, finalize."""
+                env: Optional[Mapping[str, str]] = None, preset: Iterable[str] = ()) -> Config:
+    """Load ``<exp_dir>/config.py`` (its ``config`` object), apply env and ``--set``, finalize.
+
+    ``preset``: ``key=value`` strings applied before the environment and ``--set`` (the switches
+    of a script such as trainal.py), so that the command line still has the last word.
+    """
     env = os.environ if env is None else env
     path = Path(exp_dir) / "config.py"
     if not path.is_file():
@@ -356,6 +365,7 @@ def load_config(exp_dir: os.PathLike, overrides: Iterable[str] = (),
     if not isinstance(getattr(module, "config", None), Config):
         raise ConfigError(f"{path} must define `config = ...` as a furnace.config.Config")
     C = copy.deepcopy(module.config)
+    apply_overrides(C, preset)
     apply_env(C, env)
     apply_overrides(C, overrides)
     return finalize(C, exp_dir=path.parent)

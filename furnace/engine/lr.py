@@ -1,0 +1,34 @@
+"""Poly learning-rate schedule of the reference (``WarmUpPolyLR``), applied per iteration."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+class PolyLR:
+    """lr(t) = base * t / warmup for t < warmup, else base * (1 - t / total) ** power.
+
+    As in the reference the poly term uses t / total even after a warm-up, and t counts
+    iterations over the whole run (epoch * niters_per_epoch + idx).
+    """
+
+    def __init__(self, base_lr: float, power: float, total_iters: int, warmup_iters: int = 0):
+        if total_iters <= 0:
+            raise ValueError(f"PolyLR total_iters must be positive, got {total_iters}")
+        self.base_lr = base_lr
+        self.power = power
+        self.total_iters = total_iters
+        self.warmup_iters = warmup_iters
+
+    def get_lr(self, t: int) -> float:
+        if self.warmup_iters > 0 and t < self.warmup_iters:
+            return self.base_lr * (t / self.warmup_iters)
+        return self.base_lr * (1 - t / self.total_iters) ** self.power
+
+
+def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> None:
+    """Write ``lr`` into every parameter group of every optimiser (as the reference does)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr

@@ -1,0 +1,417 @@
+"""The DUEB training step and loop.
+
+One iteration follows the reference order exactly (REFERENCE 3.1): supervised passes of both
+branches, four no-grad teacher passes in train mode (b1(u0), b1(u1), b2(u0), b2(u1)), CutMix of
+the teacher logits, pseudo labels, two student passes on the mixed batch, then
+
+    loss = S1 + S2 + lambda (U_inter + U_union)
+         + 0.5 A(z1s) + 0.5 A(z2s) + A(z1u) + A(z2u)          (aleatoric switch)
+         + 0.5 E(z1s) + 0.5 E(z2s) + E(z1u) + E(z2u)          (energy switch)
+
+Both switches on is train.py, aleatoric only trainal.py, energy only traine.py, both off the
+CPCL baseline; ``supervised_only`` trains on labelled data alone. Switched-off terms are not
+computed at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..config import Config
+from ..data import TrainLoaders
+from ..losses import (AleatoricLoss, CITYSCAPES_CLASS_WEIGHTS, OhemCrossEntropy, energy_term,
+                      pseudo_labels, unsup_ce)
+from ..models import build_network, param_groups
+from . import checkpoint as ckpt_io
+from .dist import DistInfo, average_gradients, broadcast_module, reduce_mean
+from .lr import PolyLR, set_lr
+
+logger = logging.getLogger("furnace.engine")
+
+IGNORE = 255
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; training stops before the optimiser step."""
+
+
+# Log-line layout of REFERENCE 1.8, with balanced brackets.
+UNSUP_FIELDS = ("inter", "union", "predlog_unsup1", "predlog_unsup2")
+SUP_FIELDS = ("sup_1", "sup_2", "overlap", "predlog_sup1", "predlog_sup2")
+
+
+def amp_dtype(C: Config, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``C.amp`` on ``device`` (None: full precision)."""
+    mode = C.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "off"
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+class DUEBStep:
+    """Computes the loss terms of one DUEB iteration.
+
+    ``model`` is the dual-branch network; batches are dicts of device tensors:
+    ``lab = {'data': [B,3,H,W] float, 'label': [B,H,W] int64}``,
+    ``u0 = {'data': [B,3,H,W], 'mask': [B,1,H,W] in {0,1}}``, ``u1 = {'data': [B,3,H,W]}``.
+    """
+
+    def __init__(self, model: torch.nn.Module, C: Config, batch_per_process: int,
+                 amp: Optional[torch.dtype] = None):
+        self.model = model
+        self.C = C
+        self.amp = amp
+        self.use_aleatoric = bool(C.aleatoric.enabled)
+        self.use_energy = bool(C.energy.enabled)
+        self.use_unsup = not C.supervised_only
+        if C.sup_loss == "ohem":
+            weight = CITYSCAPES_CLASS_WEIGHTS if C.ohem_class_weight else None
+            if weight is not None and len(weight) != C.num_classes:
+                raise ValueError(f"config ohem_class_weight=True uses the 19 Cityscapes class "
+                                 f"weights but num_classes is {C.num_classes}; set "
+                                 "ohem_class_weight=False")
+            # min_kept scales with the batch each process sees (50000 x B in the reference)
+            min_kept = C.ohem_min_kept * batch_per_process // C.batch_size
+            self.sup_criterion = OhemCrossEntropy(IGNORE, C.ohem_thresh, min_kept, weight)
+        else:
+            self.sup_criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
+        if self.use_aleatoric:
+            self.aleatoric = AleatoricLoss(C.aleatoric.samples, IGNORE,
+                                           learn_variance=C.aleatoric.learn_variance,
+                                           per_pixel=C.aleatoric.per_pixel)
+
+    def _autocast(self, device: torch.device):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.amp)
+
+    def forward(self, step: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B,C,H,W] and var [B,1,H,W] of branch ``step``; losses run in float32."""
+        with self._autocast(x.device):
+            _, logits, var = self.model(x, step=step)
+        return logits.float(), var.float()
+
+    def _teachers(self, u0: torch.Tensor, u1: torch.Tensor, mask: torch.Tensor):
+        """Mixed teacher logits of both branches (no grad, train mode as the reference)."""
+        mixed = []
+        with torch.no_grad():
+            if self.C.fuse_passes:
+                for k in (1, 2):
+                    z, _ = self.forward(k, torch.cat([u0, u1]))
+                    z0, z1 = z.chunk(2)
+                    mixed.append(z0 * (1 - mask) + z1 * mask)
+            else:
+                z10, _ = self.forward(1, u0)
+                z11, _ = self.forward(1, u1)
+                z20, _ = self.forward(2, u0)
+                z21, _ = self.forward(2, u1)
+                mixed = [z10 * (1 - mask) + z11 * mask, z20 * (1 - mask) + z21 * mask]
+        return mixed
+
+    def __call__(self, lab: Dict[str, torch.Tensor], u0: Optional[Dict[str, torch.Tensor]] = None,
+                 u1: Optional[Dict[str, torch.Tensor]] = None):
+        """Returns ``(loss, terms, extras)``: the total loss, a dict of its (weighted
+        components') values as 0-d tensors, and tensors for visualisation."""
+        C = self.C
+        imgs, gts = lab["data"], lab["label"]
+        terms: Dict[str, torch.Tensor] = {}
+        fused = C.fuse_passes and self.use_unsup
+
+        if fused:
+            mask = u0["mask"]
+            mixed_in = u0["data"] * (1 - mask) + u1["data"] * mask
+            t1, t2 = self._teachers(u0["data"], u1["data"], mask)
+            z1, v1 = self.forward(1, torch.cat([imgs, mixed_in]))
+            z2, v2 = self.forward(2, torch.cat([imgs, mixed_in]))
+            B = imgs.shape[0]
+            (z1s, z1u), (v1s, v1u) = z1.split(B), v1.split(B)
+            (z2s, z2u), (v2s, v2u) = z2.split(B), v2.split(B)
+        else:
+            z1s, v1s = self.forward(1, imgs)
+            z2s, v2s = self.forward(2, imgs)
+
+        # supervised terms
+        terms["sup_1"] = self.sup_criterion(z1s, gts)
+        terms["sup_2"] = self.sup_criterion(z2s, gts)
+        if self.use_energy:
+            terms["predlog_sup1"] = energy_term(F.softmax(z1s, dim=1), gts, IGNORE)
+            terms["predlog_sup2"] = energy_term(F.softmax(z2s, dim=1), gts, IGNORE)
+        if self.use_aleatoric:
+            w = C.aleatoric.sup_weight
+            terms["loss_all"] = (w * self.aleatoric(z1s, v1s, gts)
+                                 + w * self.aleatoric(z2s, v2s, gts))
+
+        pl = None
+        if self.use_unsup:
+            if not fused:
+                mask = u0["mask"]
+                t1, t2 = self._teachers(u0["data"], u1["data"], mask)
+                mixed_in = u0["data"] * (1 - mask) + u1["data"] * mask
+                z1u, v1u = self.forward(1, mixed_in)
+                z2u, v2u = self.forward(2, mixed_in)
+            pl = pseudo_labels(t1, t2, IGNORE)
+            terms["inter"] = unsup_ce(z1u, pl.inter, pl.weight_inter, IGNORE)
+            terms["union"] = unsup_ce(z2u, pl.union, pl.weight_union, IGNORE)
+            if self.use_aleatoric:
+                w = C.aleatoric.unsup_weight
+                terms["loss_all_unsup"] = (w * self.aleatoric(z1u, v1u, pl.inter)
+                                           + w * self.aleatoric(z2u, v2u, pl.union))
+            if self.use_energy:
+                terms["predlog_unsup1"] = energy_term(F.softmax(z1u, dim=1), pl.inter, IGNORE)
+                terms["predlog_unsup2"] = energy_term(F.softmax(z2u, dim=1), pl.union, IGNORE)
+
+        loss = terms["sup_1"] + terms["sup_2"]
+        terms["loss_sup"] = loss.detach()
+        if self.use_unsup:
+            terms["loss_unsup"] = C.unsup_weight * (terms["inter"] + terms["union"])
+            loss = loss + terms["loss_unsup"]
+        if self.use_energy:
+            loss = loss + C.energy.sup_weight * (terms["predlog_sup1"] + terms["predlog_sup2"])
+            if self.use_unsup:
+                loss = loss + C.energy.unsup_weight * (terms["predlog_unsup1"]
+                                                       + terms["predlog_unsup2"])
+        if self.use_aleatoric:
+            loss = loss + terms["loss_all"]
+            if self.use_unsup:
+                loss = loss + terms["loss_all_unsup"]
+        terms["loss"] = loss
+        if pl is not None:
+            terms["overlap"] = pl.overlap
+        extras = {"image": imgs, "label": gts, "logits": z1s, "var": v1s}
+        return loss, terms, extras
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def build_model(C: Config) -> torch.nn.Module:
+    """The dual-branch network of the config (pretrained backbone when configured)."""
+    return build_network(C.num_classes, C.backbone, C.output_stride, C.pretrained_model,
+                         stem=C.stem, eval_branch=C.eval_branch,
+                         learn_variance=C.aleatoric.learn_variance,
+                         pretrained_strict=C.pretrained_strict)
+
+
+def make_optimizer(branch: torch.nn.Module, C: Config) -> torch.optim.SGD:
+    groups = param_groups(branch, C.lr, C.weight_decay, learn_variance=C.aleatoric.learn_variance)
+    return torch.optim.SGD(groups, lr=C.lr, momentum=C.momentum, weight_decay=C.weight_decay)
+
+
+def should_save(C: Config, epoch: int) -> bool:
+    """The reference schedule: after epoch e if e > nepochs//6 and e % snapshot_iter == 0,
+    and always after the last epoch (``snapshot_from`` replaces nepochs//6 when set)."""
+    return (epoch > C.snapshot_from and epoch % C.snapshot_iter == 0) or epoch == C.nepochs - 1
+
+
+def format_line(epoch: int, nepochs: int, idx: int, niters: int, lr: float,
+                values: Dict[str, float]) -> str:
+    """The per-iteration log line (REFERENCE 1.8 fields, %.2f, balanced brackets)."""
+    def fmt(names):
+        return ", ".join(f"{n}={values[n]:.2f}" for n in names if n in values)
+
+    parts = [f"Epoch {epoch + 1}/{nepochs} Iter {idx + 1}/{niters}: lr={lr:.4e}",
+             f"loss={values['loss']:.2f}"]
+    if "loss_unsup" in values:
+        parts.append(f"[loss_unsup={values['loss_unsup']:.2f} ({fmt(UNSUP_FIELDS)})]")
+    parts.append(f"[loss_sup={values['loss_sup']:.2f} ({fmt(SUP_FIELDS)})]")
+    for n in ("loss_all", "loss_all_unsup"):
+        if n in values:
+            parts.append(f"{n}={values[n]:.2f}")
+    return " ".join(parts)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: Dict, device: torch.device) -> Dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+class _TrainLog:
+    """Rank-0 logging: the train log file, tqdm description and tensorboardX events."""
+
+    def __init__(self, C: Config, enabled: bool):
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        if not enabled:
+            return
+        Path(C.log_dir).mkdir(parents=True, exist_ok=True)
+        self.file = open(C.train_log_file, "a", buffering=1)
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(C.tb_dir)
+        except ImportError:  # tensorboardX is optional at run time
+            logger.warning("tensorboardX not installed: no tensorboard events")
+
+    def line(self, text: str) -> None:
+        if self.file:
+            self.file.write(text + "\n")
+
+    def scalars(self, values: Dict[str, float], lr: float, step: int) -> None:
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+            self.tb.add_scalar("train/lr", lr, step)
+
+    def images(self, extras: Dict[str, torch.Tensor], C: Config, step: int) -> None:
+        if not self.tb:
+            return
+        mean = torch.tensor(C.image_mean, device=extras["image"].device).view(3, 1, 1)
+        std = torch.tensor(C.image_std, device=extras["image"].device).view(3, 1, 1)
+        img = (extras["image"][0].float() * std + mean).clamp(0, 1)
+        pred = extras["logits"][0].argmax(0).float() / max(1, C.num_classes - 1)
+        var = extras["var"][0, 0].float()
+        var = (var - var.min()) / (var.max() - var.min() + 1e-12)
+        self.tb.add_image("train/input", img.cpu(), step)
+        self.tb.add_image("train/prediction", pred[None].cpu(), step)
+        self.tb.add_image("train/variance", var[None].cpu(), step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def train(C: Config, info: DistInfo, resume: Optional[str] = None) -> Path:
+    """Train the dual-branch network as configured; returns the snapshot folder.
+
+    ``resume``: a checkpoint path; model, both optimisers, scaler, epoch and RNG states are
+    restored so that the run continues as if never stopped.
+    """
+    device = info.device
+    if C.batch_size % info.world_size:
+        raise ValueError(f"config batch_size={C.batch_size} is not divisible by the "
+                         f"{info.world_size} processes; choose a multiple")
+    batch = C.batch_size // info.world_size
+    if batch < 2:
+        raise ValueError(f"config batch_size={C.batch_size} gives {batch} image per process; "
+                         "BatchNorm in the ASPP pooled branch needs at least 2 to train. "
+                         "Increase batch_size (or use fewer processes).")
+
+    seed_everything(C.seed)
+    if C.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    model = build_model(C)
+    if info.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    broadcast_module(model, info)
+    opt1, opt2 = make_optimizer(model.branch1, C), make_optimizer(model.branch2, C)
+    amp = amp_dtype(C, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    # independent aleatoric noise and augmentation per rank
+    seed_everything(C.seed + info.rank)
+
+    start_epoch = 0
+    if resume:
+        ck = ckpt_io.load_file(resume)
+        ckpt_io.load_model_weights(model, resume, ck)
+        opt1.load_state_dict(ck["optimizer_1"])
+        opt2.load_state_dict(ck["optimizer_2"])
+        if ck.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ck["scaler"])
+        start_epoch = int(ck["epoch"]) + 1
+        if "rng" in ck:
+            ckpt_io.set_rng_state(ck["rng"])
+        if info.rank > 0:  # only rank 0's states are saved
+            seed_everything((C.seed + info.rank) * 1000 + start_epoch)
+        logger.info("resumed from %s at epoch %d", resume, start_epoch)
+
+    loaders = TrainLoaders(C, rank=info.rank, world_size=info.world_size)
+    step = DUEBStep(model, C, batch, amp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    niters_full = C.niters_per_epoch
+    niters = min(C.debug, niters_full) if C.debug else niters_full
+    policy = PolyLR(C.lr, C.lr_power, C.nepochs * niters_full, niters_full * C.warm_up_epoch)
+    log = _TrainLog(C, info.is_main)
+    log.line(f"# DUEB {__version__}: aleatoric={step.use_aleatoric} energy={step.use_energy} "
+             f"unsup={step.use_unsup} world_size={info.world_size} device={device} "
+             f"amp={C.amp} config={C.to_dict()}")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+
+    snapshot_dir = Path(C.snapshot_dir)
+    try:
+        for epoch in range(start_epoch, C.nepochs):
+            model.train()
+            batches = loaders.epoch(epoch)
+            bar = range(niters)
+            if tqdm is not None and info.is_main:
+                bar = tqdm(bar, file=sys.stdout, dynamic_ncols=True, leave=False,
+                           bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+            t0 = time.time()
+            for idx in bar:
+                lab, u0, u1 = next(batches)
+                lab, u0, u1 = (_to_device(b, device) for b in (lab, u0, u1))
+                opt1.zero_grad(set_to_none=True)
+                opt2.zero_grad(set_to_none=True)
+                loss, terms, extras = step(lab, u0, u1)
+                t_global = epoch * niters_full + idx
+                lr = policy.get_lr(t_global)
+                set_lr((opt1, opt2), lr)
+                names = list(terms)
+                stacked = torch.stack([terms[n].detach().float() for n in names])
+                values = dict(zip(names, reduce_mean(stacked, info).tolist()))
+                bad = [n for n in names if not math.isfinite(values[n])]
+                if bad:
+                    raise NonFiniteLossError(
+                        f"loss term '{bad[0]}' is {values[bad[0]]} at epoch {epoch} iteration "
+                        f"{idx} (global {t_global}); stopped before the optimiser step, the last "
+                        f"checkpoint in {snapshot_dir} is intact. Try a lower lr or amp=off.")
+                scaler.scale(loss).backward()
+                average_gradients(params, info)
+                scaler.step(opt1)
+                scaler.step(opt2)
+                scaler.update()
+                if info.is_main:
+                    line = format_line(epoch, C.nepochs, idx, niters, lr, values)
+                    log.line(line)
+                    if hasattr(bar, "set_description_str"):
+                        bar.set_description_str(line, refresh=False)
+                    log.scalars(values, lr, t_global)
+                    if C.tb_images_every and t_global % C.tb_images_every == 0:
+                        log.images(extras, C, t_global)
+            if info.is_main:
+                if hasattr(bar, "close"):
+                    bar.close()
+                msg = (f"epoch {epoch + 1}/{C.nepochs} done in {time.time() - t0:.1f}s "
+                       f"({(time.time() - t0) / max(1, niters):.3f}s/iter)")
+                log.line("# " + msg)
+                print(msg, flush=True)
+                if should_save(C, epoch):
+                    state = {"model": model.state_dict(), "optimizer_1": opt1.state_dict(),
+                             "optimizer_2": opt2.state_dict(), "epoch": epoch,
+                             "iteration": niters - 1, "global_iteration": t_global,
+                             "config": C.to_dict(), "rng": ckpt_io.rng_state(),
+                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                             "version": __version__}
+                    path = ckpt_io.save_checkpoint(snapshot_dir, epoch, state, C.snapshot_keep)
+                    log.line(f"# saved {path}")
+            if C.stop_after_epoch is not None and epoch >= C.stop_after_epoch:
+                break
+    finally:
+        log.close()
+    return snapshot_dir
