@@ -1,0 +1,38 @@
+"""The embedded demo: DUEB on the procedural shapes dataset (DATA/demo), CPU-sized.
+
+`make demo` generates the data (python -m furnace.data.demo), trains train.py and evaluates.
+ResNet-18 v1c from scratch at 1/8 labels; every key can be overridden with --set.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from furnace.config import base_config, data_root  # noqa: E402
+from furnace.data.demo import DEMO_CLASSES  # noqa: E402
+
+config = C = base_config()
+C.dataset = "voc"                     # the demo uses the VOC layout
+C.dataset_path = data_root("demo")
+C.split_dir = "subset_train_aug"
+C.eval_source = "val.txt"
+C.class_names = list(DEMO_CLASSES)
+C.num_classes = len(DEMO_CLASSES)
+C.total_train_imgs = 1000
+C.num_eval_imgs = 200
+C.labeled_ratio = 8
+C.backbone = "resnet18"
+C.pretrained_model = None             # no ImageNet weights: train from scratch
+C.image_height = C.image_width = 96
+C.train_scale_array = [0.75, 1, 1.25, 1.5]
+C.batch_size = 8
+C.lr = 0.02
+C.nepochs = 4
+C.niters_per_epoch = 40
+C.num_workers = 2
+C.aleatoric.samples = 10
+C.snapshot_iter = 1
+C.snapshot_from = -1
+C.snapshot_keep = 2
+C.eval_crop_size = 128
+C.eval_mode = "whole"
+C.tb_images_every = 50

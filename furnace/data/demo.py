@@ -1,0 +1,296 @@
+"""Procedural demo segmentation dataset in the VOC layout.
+
+    python -m furnace.data.demo [--root DATA/demo] [--seed 0] [--force]
+
+Each image is a textured background (smooth noise, gradient, stripes or checks, with clutter
+lines and pixel noise) with several objects of 5 shape classes (disc, square, triangle, ring,
+bar) of random size, rotation, position and overlap. Every object gets a random colour and
+texture, so colour does not reveal the class: a model has to learn shape. Later objects occlude
+earlier ones; the label is the visible class (0 = background). Images and labels are lossless
+PNGs (labels are palette PNGs holding the class indices), so the same seed gives the same bytes.
+
+Layout under root (as the CPS 'pascal_voc' archive):
+    train_aug/image/<id>.png  train_aug/label/<id>.png  val/image/<id>.png  val/label/<id>.png
+    train_aug.txt  val.txt  subset_train_aug/train_aug_{labeled,unlabeled}_1-{2,4,8,16}.txt
+    demo_stamp.json (written last; marks a complete dataset)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .datasets import DataError
+from .palettes import voc_palette
+from .splits import make_splits, split_file_names
+
+DEMO_CLASSES: List[str] = ["background", "disc", "square", "triangle", "ring", "bar"]
+DEMO_NUM_CLASSES = len(DEMO_CLASSES)
+DEMO_VERSION = 1
+DEMO_RATIOS = (2, 4, 8, 16)
+STAMP_NAME = "demo_stamp.json"
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "DATA" / "demo"
+
+_SPLIT_CODE = {"train": 1, "val": 2}
+_PALETTE_BYTES = voc_palette(256).tobytes()
+
+
+# ------------------------------------------------------------------------------ drawing
+
+def _background(rng: np.random.Generator, s: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """float32 [s, s, 3] textured background in 0..255."""
+    c0 = rng.uniform(0, 255, 3).astype(np.float32)
+    c1 = rng.uniform(0, 255, 3).astype(np.float32)
+    kind = int(rng.integers(4))
+    if kind == 0:  # smooth noise: coarse random grid upsampled
+        g = int(rng.integers(3, 9))
+        coarse = rng.uniform(0, 1, (g, g, 1)).astype(np.float32)
+        t = cv2.resize(coarse, (s, s), interpolation=cv2.INTER_CUBIC)[..., None]
+    elif kind == 1:  # linear gradient at a random angle
+        a = rng.uniform(0, 2 * np.pi)
+        t = (np.cos(a) * xx + np.sin(a) * yy) / s + 0.5
+    elif kind == 2:  # sinusoidal stripes
+        a = rng.uniform(0, np.pi)
+        f = rng.uniform(2, 10) * 2 * np.pi / s
+        t = 0.5 + 0.5 * np.sin(f * (np.cos(a) * xx + np.sin(a) * yy) + rng.uniform(0, 6.3))
+    else:  # checks
+        p = int(rng.integers(6, 24))
+        t = (((yy.astype(np.int32) // p) + (xx.astype(np.int32) // p)) % 2).astype(np.float32)
+    t = np.clip(t, 0, 1).astype(np.float32)
+    if t.ndim == 2:
+        t = t[..., None]
+    return c0 * (1 - t) + c1 * t
+
+
+def _clutter(img: np.ndarray, rng: np.random.Generator, s: int) -> None:
+    """Thin background lines (label stays background), so that 'bar' needs more than edges."""
+    for _ in range(int(rng.integers(0, 4))):
+        p0 = tuple(int(v) for v in rng.integers(0, s, 2))
+        p1 = tuple(int(v) for v in rng.integers(0, s, 2))
+        col = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        cv2.line(img, p0, p1, col, int(rng.integers(1, 3)), lineType=cv2.LINE_8)
+
+
+def _shape_mask(cls: int, dy: np.ndarray, dx: np.ndarray, r: float, theta: float,
+                rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of shape `cls` centred at 0 given pixel offsets dy, dx (float arrays)."""
+    c, sn = np.cos(theta), np.sin(theta)
+    u = c * dx + sn * dy       # rotated coordinates
+    v = -sn * dx + c * dy
+    if cls == 1:  # disc
+        return dx * dx + dy * dy <= r * r
+    if cls == 2:  # square, half side 0.8 r
+        a = 0.8 * r
+        return (np.abs(u) <= a) & (np.abs(v) <= a)
+    if cls == 3:  # equilateral triangle, circumradius 1.2 r: three half-planes at the inradius
+        m = np.ones(dx.shape, dtype=bool)
+        for k in range(3):
+            phi = theta + np.pi / 3 + k * 2 * np.pi / 3
+            m &= (np.cos(phi) * dx + np.sin(phi) * dy) <= 0.6 * r
+        return m
+    if cls == 4:  # ring
+        d2 = dx * dx + dy * dy
+        ri = r * rng.uniform(0.45, 0.7)
+        return (d2 <= r * r) & (d2 >= ri * ri)
+    # bar: long thin rotated rectangle
+    half_len = r * rng.uniform(1.3, 2.2)
+    half_w = max(2.5, r * rng.uniform(0.18, 0.3))
+    return (np.abs(u) <= half_len) & (np.abs(v) <= half_w)
+
+
+def draw_sample(rng: np.random.Generator, size: int = 128) -> Tuple[np.ndarray, np.ndarray]:
+    """One demo sample: (uint8 RGB image [size, size, 3], uint8 label [size, size] in 0..5)."""
+    s = int(size)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    img = _background(rng, s, yy, xx)
+    _clutter(img, rng, s)
+    label = np.zeros((s, s), dtype=np.uint8)
+    bg_mean = img.reshape(-1, 3).mean(0)
+    for _ in range(int(rng.integers(3, 8))):
+        cls = int(rng.integers(1, DEMO_NUM_CLASSES))
+        r = float(rng.uniform(0.08, 0.26) * s)
+        cy, cx = rng.uniform(-0.05 * s, 1.05 * s, 2)
+        theta = float(rng.uniform(0, 2 * np.pi))
+        ext = 2.3 * r  # bounding half-extent for every shape (bars are the longest)
+        y0, y1 = max(0, int(cy - ext)), min(s, int(cy + ext) + 1)
+        x0, x1 = max(0, int(cx - ext)), min(s, int(cx + ext) + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        m = _shape_mask(cls, yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx, r, theta, rng)
+        if m.sum() < 12:
+            continue  # drop slivers at the border
+        # random colour, resampled a few times to keep some contrast to the background
+        for _ in range(4):
+            col = rng.uniform(0, 255, 3).astype(np.float32)
+            if np.abs(col - bg_mean).sum() > 90:
+                break
+        # object texture: a mild gradient across the object (shading)
+        a = rng.uniform(0, 2 * np.pi)
+        shade = 1.0 + rng.uniform(0.0, 0.35) * (
+            (np.cos(a) * (xx[y0:y1, x0:x1] - cx) + np.sin(a) * (yy[y0:y1, x0:x1] - cy)) / (2 * r))
+        patch = img[y0:y1, x0:x1]
+        patch[m] = np.clip(col[None, :] * shade[m][:, None], 0, 255)
+        label[y0:y1, x0:x1][m] = cls
+    # light pixel noise on half the images (heavier noise bloats the lossless PNGs)
+    sigma = rng.uniform(0, 4) if rng.random() < 0.5 else 0.0
+    if sigma > 0.5:
+        img += rng.normal(0, sigma, img.shape).astype(np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), label
+
+
+# ------------------------------------------------------------------------------ writing
+
+def _write_image(path: str, img: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:
+        raise DataError(f"cannot encode demo image {path}")
+    with open(path, "wb") as f:
+        f.write(buf.tobytes())
+
+
+def _write_label(path: str, label: np.ndarray) -> None:
+    h, w = label.shape
+    im = Image.frombytes("P", (w, h), np.ascontiguousarray(label, dtype=np.uint8).tobytes())
+    im.putpalette(_PALETTE_BYTES)  # palette PNG: viewers show colours, readers get indices
+    im.save(path, format="PNG", optimize=False)
+
+
+def _stamp(seed: int, n_train: int, n_val: int, size: int) -> Dict:
+    return {"version": DEMO_VERSION, "seed": int(seed), "n_train": int(n_train),
+            "n_val": int(n_val), "size": int(size), "classes": DEMO_CLASSES}
+
+
+def is_complete(root, seed: int = 0, n_train: int = 1000, n_val: int = 200,
+                size: int = 128) -> bool:
+    """True if `root` holds a finished demo dataset made with these parameters."""
+    p = Path(root) / STAMP_NAME
+    try:
+        return json.loads(p.read_text()) == _stamp(seed, n_train, n_val, size)
+    except (OSError, ValueError):
+        return False
+
+
+def _looks_like_demo(root: Path) -> bool:
+    """Only folders this module wrote may be replaced (never a user's data folder)."""
+    if not root.exists():
+        return True
+    names = {p.name for p in root.iterdir()}
+    ours = {"train_aug", "val", "train_aug.txt", "val.txt", "subset_train_aug", STAMP_NAME}
+    return names <= ours
+
+
+def generate(root=None, n_train: int = 1000, n_val: int = 200, size: int = 128, seed: int = 0,
+             verbose: bool = True) -> Dict:
+    """Write the demo dataset to `root` (default <repo>/DATA/demo), replacing an older one.
+
+    Args:
+        root: output folder; built in a temporary sibling folder and renamed into place.
+        n_train, n_val: image counts; size: image side in pixels; seed: generator seed.
+    Returns:
+        {'root', 'seconds', 'train_freq', 'val_freq'}: pixel frequency per class (lists of
+        floats summing to 1, in DEMO_CLASSES order).
+    """
+    t0 = time.perf_counter()
+    root = Path(root) if root is not None else DEFAULT_ROOT
+    root = root.expanduser().absolute()
+    if not _looks_like_demo(root):
+        raise DataError(f"{root} exists and does not look like a demo dataset; remove it or pass "
+                        f"another --root")
+    if n_train < 2 or n_val < 1:
+        raise DataError(f"demo needs n_train >= 2 and n_val >= 1, got {n_train}, {n_val}")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    freqs = {}
+    ids_by_split = {}
+    for split, count in (("train", n_train), ("val", n_val)):
+        folder = "train_aug" if split == "train" else "val"
+        (tmp / folder / "image").mkdir(parents=True)
+        (tmp / folder / "label").mkdir(parents=True)
+        hist = np.zeros(DEMO_NUM_CLASSES, dtype=np.int64)
+        ids = []
+        for i in range(count):
+            # per-image RNG: an image does not depend on the others (counts, order)
+            rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, _SPLIT_CODE[split], i])
+            img, lab = draw_sample(rng, size)
+            sid = f"demo_{split}_{i:05d}"
+            _write_image(str(tmp / folder / "image" / f"{sid}.png"), img)
+            _write_label(str(tmp / folder / "label" / f"{sid}.png"), lab)
+            hist += np.bincount(lab.ravel(), minlength=DEMO_NUM_CLASSES)
+            ids.append(sid)
+        ids_by_split[split] = ids
+        freqs[split] = (hist / max(1, hist.sum())).tolist()
+    (tmp / "train_aug.txt").write_text("".join(i + "\n" for i in ids_by_split["train"]))
+    (tmp / "val.txt").write_text("".join(i + "\n" for i in ids_by_split["val"]))
+    sub = tmp / "subset_train_aug"
+    sub.mkdir()
+    for r, (lab, unlab) in make_splits(ids_by_split["train"], DEMO_RATIOS, seed).items():
+        ln, un = split_file_names(r)
+        (sub / ln).write_text("".join(x + "\n" for x in lab))
+        (sub / un).write_text("".join(x + "\n" for x in unlab))
+    (tmp / STAMP_NAME).write_text(json.dumps(_stamp(seed, n_train, n_val, size), indent=1))
+    # swap into place; another process may have finished first, which is fine
+    if root.exists():
+        shutil.rmtree(root)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        if is_complete(root, seed, n_train, n_val, size):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+    secs = time.perf_counter() - t0
+    if verbose:
+        print(f"demo data: {n_train} train + {n_val} val images of {size}x{size} in {root} "
+              f"({secs:.1f} s)")
+        for split in ("train", "val"):
+            print(f"  class pixel frequencies ({split}): " + ", ".join(
+                f"{c} {100 * f:.1f}%" for c, f in zip(DEMO_CLASSES, freqs[split])))
+    return {"root": str(root), "seconds": secs, "train_freq": freqs["train"],
+            "val_freq": freqs["val"]}
+
+
+def ensure_demo_data(root=None, seed: int = 0, n_train: int = 1000, n_val: int = 200,
+                     size: int = 128, verbose: bool = True) -> str:
+    """Generate the demo dataset unless `root` already holds a complete one with the same
+    parameters (stamp file). Returns the root path as a string."""
+    root = Path(root) if root is not None else DEFAULT_ROOT
+    if not is_complete(root, seed, n_train, n_val, size):
+        generate(root, n_train, n_val, size, seed, verbose)
+    return str(root.expanduser().absolute())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m furnace.data.demo",
+                                 description="Generate the procedural demo dataset (VOC layout).")
+    ap.add_argument("--root", default=str(DEFAULT_ROOT))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--n-val", type=int, default=200)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--force", action="store_true", help="regenerate even if complete")
+    a = ap.parse_args(argv)
+    try:
+        if not a.force and is_complete(a.root, a.seed, a.n_train, a.n_val, a.size):
+            print(f"demo data already complete in {a.root} (use --force to regenerate)")
+            return 0
+        generate(a.root, a.n_train, a.n_val, a.size, a.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The split tool and the procedural demo dataset."""
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from furnace.data import DataError, TrainTransform, VOCDataset
+from furnace.data.demo import DEMO_CLASSES, ensure_demo_data, generate, is_complete
+from furnace.data.splits import main as splits_main
+from furnace.data.splits import make_splits, write_splits
+
+
+@pytest.mark.parametrize("n,expected", [(10582, {16: 662, 8: 1323, 4: 2646, 2: 5291}),
+                                        (2975, {16: 186, 8: 372, 4: 744, 2: 1488})])
+def test_split_counts_like_cps(n, expected):
+    lines = [f"id_{i:05d}" for i in range(n)]
+    splits = make_splits(lines, [2, 4, 8, 16], seed=0)
+    for r, k in expected.items():
+        lab, unlab = splits[r]
+        assert len(lab) == k and len(unlab) == n - k
+        assert not set(lab) & set(unlab) and set(lab) | set(unlab) == set(lines)
+        assert lab == sorted(lab) and unlab == sorted(unlab)  # keeps the full list's order
+    assert set(splits[16][0]) <= set(splits[8][0]) <= set(splits[4][0]) <= set(splits[2][0])
+    assert make_splits(lines, [4], seed=0)[4] == splits[4]
+    assert make_splits(lines, [4], seed=1)[4] != splits[4]
+
+
+def test_split_tool_cli(tmp_path, capsys):
+    full = tmp_path / "train_aug.txt"
+    lines = [f"/images/train/c_{i}.png\t/segmentation/train/c_{i}_gtFine.png" for i in range(37)]
+    full.write_bytes("".join(l + "\r\n" for l in lines).encode())
+    out = tmp_path / "subset"
+    assert splits_main(["--full", str(full), "--out", str(out), "--ratios", "2", "8",
+                        "--seed", "3", "--layout", "city"]) == 0
+    assert "1/8: 5 labelled" in capsys.readouterr().out
+    for r in (2, 8):
+        lab = (out / f"train_aug_labeled_1-{r}.txt").read_text().splitlines()
+        unlab = (out / f"train_aug_unlabeled_1-{r}.txt").read_text().splitlines()
+        assert len(lab) == -(-37 // r)
+        assert sorted(lab + unlab) == sorted(lines) and not set(lab) & set(unlab)
+    # a two-column list is not a VOC id list
+    assert splits_main(["--full", str(full), "--out", str(out), "--layout", "voc"]) == 2
+    assert "VOC lists hold one id" in capsys.readouterr().err
+
+
+def test_split_errors(tmp_path):
+    with pytest.raises(DataError, match="duplicate"):
+        make_splits(["a", "b", "a"], [2])
+    with pytest.raises(DataError, match="empty"):
+        make_splits([], [2])
+    with pytest.raises(DataError, match="ratio"):
+        make_splits(["a"], [0])
+    with pytest.raises(DataError, match="missing.txt"):
+        write_splits(str(tmp_path / "missing.txt"), str(tmp_path / "o"))
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for dp, dn, fs in sorted(os.walk(root)):
+        dn.sort()
+        for f in sorted(fs):
+            p = os.path.join(dp, f)
+            h.update(os.path.relpath(p, root).encode())
+            with open(p, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def test_demo_deterministic_and_readable(tmp_path, capsys):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    info = generate(a, n_train=20, n_val=5, seed=0)
+    out = capsys.readouterr().out
+    assert "class pixel frequencies (train)" in out and all(k in out for k in DEMO_CLASSES)
+    assert len(info["train_freq"]) == len(DEMO_CLASSES)
+    assert abs(sum(info["train_freq"]) - 1) < 1e-9
+    assert min(info["train_freq"]) > 0  # every class occurs
+    generate(b, n_train=20, n_val=5, seed=0, verbose=False)
+    generate(c, n_train=20, n_val=5, seed=1, verbose=False)
+    assert _digest(a) == _digest(b) and _digest(a) != _digest(c)
+    # the VOC dataset class reads the layout
+    ev = VOCDataset(str(a), str(a / "val.txt"), "eval", num_classes=len(DEMO_CLASSES))
+    assert len(ev) == 5
+    s = ev[0]
+    assert s["data"].shape == (128, 128, 3) and s["data"].dtype == np.uint8
+    assert s["label"].shape == (128, 128) and s["label"].max() < len(DEMO_CLASSES)
+    lab = (a / "subset_train_aug" / "train_aug_labeled_1-4.txt").read_text().splitlines()
+    unlab = (a / "subset_train_aug" / "train_aug_unlabeled_1-4.txt").read_text().splitlines()
+    full = (a / "train_aug.txt").read_text().splitlines()
+    assert len(lab) == 5 and sorted(lab + unlab) == sorted(full)
+    tr = VOCDataset(str(a), str(a / "subset_train_aug" / "train_aug_labeled_1-4.txt"), "train",
+                    num_classes=len(DEMO_CLASSES),
+                    transform=TrainTransform((64, 64), [0.5, 1.0]), file_length=15)
+    t = tr[(14, 0)]
+    assert t["data"].shape == (3, 64, 64) and t["label"].dtype == torch.int64
+
+
+def test_ensure_demo_data_skips_complete(tmp_path):
+    root = tmp_path / "demo"
+    ensure_demo_data(root, n_train=4, n_val=2, verbose=False)
+    assert is_complete(root, n_train=4, n_val=2)
+    stamp = root / "demo_stamp.json"
+    t0 = stamp.stat().st_mtime_ns
+    ensure_demo_data(root, n_train=4, n_val=2, verbose=False)
+    assert stamp.stat().st_mtime_ns == t0  # untouched
+    ensure_demo_data(root, n_train=5, n_val=2, verbose=False)  # other parameters: regenerate
+    assert is_complete(root, n_train=5, n_val=2)
+    assert len((root / "train_aug.txt").read_text().splitlines()) == 5
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(DataError, match=str(foreign)):
+        generate(foreign, n_train=4, n_val=2, verbose=False)
