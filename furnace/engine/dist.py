@@ -112,3 +112,15 @@ def reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     t = t.clone()
     tdist.all_reduce(t)
     return t / info.world_size
+
+
+def max_rank_divergence(module: torch.nn.Module, info: DistInfo) -> float:
+    """Largest absolute difference of any parameter between this rank and rank 0 (0 if single)."""
+    if not info.distributed:
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
+    ref = flat.clone()
+    tdist.broadcast(ref, src=0)
+    diff = (flat - ref).abs().max()
+    tdist.all_reduce(diff, op=tdist.ReduceOp.MAX)
+    return float(diff)

@@ -34,7 +34,8 @@ from ..losses import (AleatoricLoss, CITYSCAPES_CLASS_WEIGHTS, OhemCrossEntropy,
                       pseudo_labels, unsup_ce)
 from ..models import build_network, param_groups
 from . import checkpoint as ckpt_io
-from .dist import DistInfo, average_gradients, broadcast_module, reduce_mean
+from .dist import (DistInfo, average_gradients, broadcast_module, max_rank_divergence,
+                   reduce_mean)
 from .lr import PolyLR, set_lr
 
 logger = logging.getLogger("furnace.engine")
@@ -412,6 +413,10 @@ def train(C: Config, info: DistInfo, resume: Optional[str] = None) -> Path:
                     log.line(f"# saved {path}")
             if C.stop_after_epoch is not None and epoch >= C.stop_after_epoch:
                 break
+        if info.distributed:
+            # a cheap end-of-run guard that gradient averaging kept the replicas identical
+            log.line(f"# max parameter difference across {info.world_size} ranks: "
+                     f"{max_rank_divergence(model, info):.3e}")
     finally:
         log.close()
     return snapshot_dir

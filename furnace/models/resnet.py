@@ -1,0 +1,241 @@
+"""ResNet backbones for DeepLabv3+: the "v1c" deep-stem variant and the torchvision layout.
+
+The module tree (and therefore every ``state_dict`` key) matches the reference DUEB backbone
+(``furnace/base_model/resnet.py`` of the TorchSeg lineage), so ``resnet50_v1c.pth`` files and
+reference checkpoints load unchanged:
+
+* ``stem='deep'`` (v1c): ``conv1`` is a Sequential of three 3x3 convs 64-64-128 (indices 0, 3, 6,
+  with BatchNorms at 1 and 4), followed by ``bn1`` = BN(128) + ReLU + 3x3/2 max-pool.
+* ``stem='classic'``: a single 7x7/2 ``conv1`` and ``bn1`` = BN(64), as in torchvision, so
+  torchvision ResNet state dicts load.
+
+Blocks put the stride on the 3x3 conv (v1b/v1c, torchvision's v1.5).
+
+Output stride (the ratio input size / layer4 size):
+
+* 32: plain ResNet, no dilation (mainly for comparing against torchvision).
+* 16 (the reference): layer4 is not strided; its blocks use the multi-grid dilations 2, 4, 8
+  (``2 * (1, 2, 4)``) on their 3x3 convs, and its downsample 1x1 conv has stride 1.
+* 8: layer3 is also not strided and all its 3x3 convs use dilation 2; layer4 keeps the same
+  multi-grid pattern scaled by two more, i.e. dilations 4, 8, 16, so that the receptive-field
+  growth relative to the feature grid is the same as at output stride 16.
+
+In a BasicBlock (ResNet-18/34) both 3x3 convs of a block get that block's dilation, which is what
+the reference's dilation surgery does to every 3x3 conv of a block.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Type, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "RESNET_SPECS",
+]
+
+NormLayer = Callable[[int], nn.Module]
+
+# Dilation of each block's 3x3 convs in layer4, relative to the dilation of the stage before it.
+MULTI_GRID = (1, 2, 4)
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """3x3 conv without bias; padding equals dilation so the spatial size only depends on stride."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride,
+                     padding=dilation, dilation=dilation, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34). ``dilation`` applies to both convs."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: Optional[nn.Module] = None,
+                 norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = conv3x3(planes, planes, 1, dilation)
+        self.bn2 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride, dilation) -> 1x1 expanding by 4 (ResNet-50/101)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
+                 downsample: Optional[nn.Module] = None,
+                 norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)
+        self.bn2 = norm_layer(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+Block = Union[Type[BasicBlock], Type[Bottleneck]]
+
+
+def _stage_plan(output_stride: int) -> List[tuple]:
+    """(stride, per-block dilation rule) for layer1..layer4 at the given output stride.
+
+    The rule is a function ``block_index -> dilation``.
+    """
+    def plain(_i: int) -> int:
+        return 1
+
+    if output_stride == 32:
+        return [(1, plain), (2, plain), (2, plain), (2, plain)]
+    if output_stride == 16:
+        return [(1, plain), (2, plain), (2, plain),
+                (1, lambda i: 2 * MULTI_GRID[i % len(MULTI_GRID)])]
+    if output_stride == 8:
+        return [(1, plain), (2, plain), (1, lambda _i: 2),
+                (1, lambda i: 4 * MULTI_GRID[i % len(MULTI_GRID)])]
+    raise ValueError(f"output_stride must be one of 8, 16, 32, got {output_stride!r}")
+
+
+class ResNet(nn.Module):
+    """ResNet feature extractor returning the outputs of the four stages.
+
+    Args:
+        block: ``BasicBlock`` or ``Bottleneck``.
+        layers: number of blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+        stem: ``'deep'`` (v1c, three 3x3 convs 64-64-128) or ``'classic'`` (one 7x7 conv).
+        output_stride: 8, 16 (reference) or 32; see the module docstring.
+        norm_layer: called as ``norm_layer(num_channels)``; default ``nn.BatchNorm2d``
+            (eps 1e-5, momentum 0.1, as in the reference).
+
+    Attributes:
+        out_channels: channels of the four stage outputs, e.g. ``[256, 512, 1024, 2048]``.
+        output_stride: the stride of layer4 relative to the input.
+    """
+
+    def __init__(self, block: Block, layers: Sequence[int], *, stem: str = "deep",
+                 output_stride: int = 16, norm_layer: NormLayer = nn.BatchNorm2d,
+                 stem_width: int = 64) -> None:
+        super().__init__()
+        if stem not in ("deep", "classic"):
+            raise ValueError(f"stem must be 'deep' or 'classic', got {stem!r}")
+        if len(layers) != 4:
+            raise ValueError(f"layers must list 4 stage depths, got {list(layers)}")
+        plan = _stage_plan(output_stride)
+        self.stem = stem
+        self.output_stride = output_stride
+
+        if stem == "deep":
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(3, stem_width, 3, stride=2, padding=1, bias=False),
+                norm_layer(stem_width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(stem_width, stem_width, 3, stride=1, padding=1, bias=False),
+                norm_layer(stem_width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(stem_width, 2 * stem_width, 3, stride=1, padding=1, bias=False),
+            )
+            self.inplanes = 2 * stem_width
+        else:
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.inplanes = 64
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+        self.layer1 = self._make_layer(block, 64, layers[0], *plan[0], norm_layer)
+        self.layer2 = self._make_layer(block, 128, layers[1], *plan[1], norm_layer)
+        self.layer3 = self._make_layer(block, 256, layers[2], *plan[2], norm_layer)
+        self.layer4 = self._make_layer(block, 512, layers[3], *plan[3], norm_layer)
+        self.out_channels = [p * block.expansion for p in (64, 128, 256, 512)]
+
+    def _make_layer(self, block: Block, planes: int, blocks: int, stride: int,
+                    dilation_of: Callable[[int], int], norm_layer: NormLayer) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride),
+                norm_layer(planes * block.expansion),
+            )
+        stage = [block(self.inplanes, planes, stride, dilation_of(0), downsample, norm_layer)]
+        self.inplanes = planes * block.expansion
+        stage += [block(self.inplanes, planes, 1, dilation_of(i), None, norm_layer)
+                  for i in range(1, blocks)]
+        return nn.Sequential(*stage)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """x [B,3,H,W] -> [layer1 (stride 4), layer2 (8), layer3 (16 or 8), layer4 (OS)].
+
+        Entry i is [B, out_channels[i], ceil(H/s_i), ceil(W/s_i)] with s_i its stride in pixels.
+        """
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        feats = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+# name -> (block type, blocks per stage)
+RESNET_SPECS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+def _build(name: str, **kwargs) -> ResNet:
+    block, layers = RESNET_SPECS[name]
+    return ResNet(block, layers, **kwargs)
+
+
+def resnet18(**kwargs) -> ResNet:
+    """ResNet-18 (BasicBlock, 2-2-2-2); keyword arguments as :class:`ResNet`."""
+    return _build("resnet18", **kwargs)
+
+
+def resnet34(**kwargs) -> ResNet:
+    """ResNet-34 (BasicBlock, 3-4-6-3); keyword arguments as :class:`ResNet`."""
+    return _build("resnet34", **kwargs)
+
+
+def resnet50(**kwargs) -> ResNet:
+    """ResNet-50 (Bottleneck, 3-4-6-3); keyword arguments as :class:`ResNet`."""
+    return _build("resnet50", **kwargs)
+
+
+def resnet101(**kwargs) -> ResNet:
+    """ResNet-101 (Bottleneck, 3-4-23-3); keyword arguments as :class:`ResNet`."""
+    return _build("resnet101", **kwargs)
