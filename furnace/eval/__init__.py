@@ -1,0 +1,26 @@
+"""Evaluation: sliding-window inference, metrics, checkpoint selection, composites, CLI.
+
+Public API::
+
+    sliding_windows(h, w, crop, stride_rate=2/3) -> WindowGrid
+    SegEvaluator(model, num_classes, *, crop_size, ...).predict(image) -> Prediction
+    SegEvaluator.from_config(model, C, device='cpu', with_var=False)
+    confusion_histogram(pred, label, num_classes) -> int64 [C, C]
+    ConfusionMatrix(num_classes, device), compute_metrics(hist), format_results(...)
+    resolve_checkpoints(spec, snapshot_dir) -> [Path]
+    colorize(label, palette), make_composite(image, pred, label, palette, var=None)
+    furnace.eval.cli.main(exp_dir, argv=None) -> [result dict]   (the eval.py command line)
+    furnace.eval.cli.run(C, epochs, devices, ...) -> [result dict]
+    furnace.eval.cli.evaluate_model(model, C, device) -> metrics dict (validation in training)
+"""
+from .evaluator import Prediction, SegEvaluator, WindowGrid, normalization_lut, sliding_windows
+from .metrics import ConfusionMatrix, compute_metrics, confusion_histogram, format_results
+from .snapshots import available_epochs, checkpoint_epoch, resolve_checkpoints
+from .visualize import colorize, get_palette, make_composite, variance_to_color
+
+__all__ = [
+    "ConfusionMatrix", "Prediction", "SegEvaluator", "WindowGrid", "available_epochs",
+    "checkpoint_epoch", "colorize", "compute_metrics", "confusion_histogram", "format_results",
+    "get_palette", "make_composite", "normalization_lut", "resolve_checkpoints",
+    "sliding_windows", "variance_to_color",
+]

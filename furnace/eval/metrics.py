@@ -1,0 +1,113 @@
+"""Confusion histogram, IoU, mIoU and pixel accuracy (REFERENCE 5.4), and the result text (5.5).
+
+The histogram is accumulated on the device with ``bincount`` (rows = ground truth, columns =
+prediction); only the final numbers go to the host.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+def confusion_histogram(pred: torch.Tensor, label: torch.Tensor,
+                        num_classes: int) -> torch.Tensor:
+    """Confusion counts of one prediction, int64 [C, C] on the device of ``pred``.
+
+    pred: integer class map (any shape), values in [0, C).
+    label: integer ground truth of the same shape; pixels outside [0, C) (255 = ignore, and
+        any other out-of-range value) are left out, as the reference's ``k = (gt >= 0) & (gt < C)``.
+    Entry [g, p] counts pixels with ground truth g predicted as p.
+    """
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(label.shape)} "
+                         "differ in size")
+    label = label.to(device=pred.device, dtype=torch.int64).reshape(-1)
+    pred = pred.to(torch.int64).reshape(-1)
+    keep = (label >= 0) & (label < num_classes)
+    idx = label[keep] * num_classes + pred[keep]
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+class ConfusionMatrix:
+    """Running confusion histogram over a dataset (kept on ``device``).
+
+    ``update(pred, label)`` adds one image; ``merge`` adds another matrix or an array of
+    counts (e.g. from another process); ``compute()`` returns the metrics dict.
+    """
+
+    def __init__(self, num_classes: int, device: Union[str, torch.device] = "cpu"):
+        self.num_classes = int(num_classes)
+        self.hist = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64,
+                                device=device)
+
+    def update(self, pred: torch.Tensor, label: ArrayLike) -> torch.Tensor:
+        """Add one image; returns its own histogram [C, C] (on the device)."""
+        if not isinstance(label, torch.Tensor):
+            label = torch.from_numpy(np.asarray(label))
+        h = confusion_histogram(pred.to(self.hist.device), label, self.num_classes)
+        self.hist += h
+        return h
+
+    def merge(self, other: Union["ConfusionMatrix", ArrayLike]) -> None:
+        h = other.hist if isinstance(other, ConfusionMatrix) else other
+        if not isinstance(h, torch.Tensor):
+            h = torch.from_numpy(np.asarray(h))
+        self.hist += h.to(self.hist.device, torch.int64)
+
+    def numpy(self) -> np.ndarray:
+        return self.hist.cpu().numpy()
+
+    def compute(self) -> Dict[str, object]:
+        return compute_metrics(self.numpy())
+
+
+def compute_metrics(hist: ArrayLike) -> Dict[str, object]:
+    """Metrics of a confusion histogram [C, C] (rows ground truth, columns prediction).
+
+    Returns ``iou`` (float64 [C], NaN for classes absent from both ground truth and
+    prediction), ``miou`` = nanmean(iou), ``miou_no_back`` = nanmean(iou[1:]) (class 0 is the
+    background), ``pixel_acc`` = correct / labelled pixels (the reference's "mACC": overall
+    pixel accuracy, not mean class accuracy), ``labeled`` and ``correct`` (pixel counts).
+    Fractions are in [0, 1] (NaN when undefined).
+    """
+    if isinstance(hist, torch.Tensor):
+        hist = hist.cpu().numpy()
+    hist = np.asarray(hist, dtype=np.float64)
+    diag = np.diag(hist)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = diag / (hist.sum(1) + hist.sum(0) - diag)
+    labeled = float(hist.sum())
+    correct = float(diag.sum())
+    return {"iou": iou,
+            "miou": _nanmean(iou),
+            "miou_no_back": _nanmean(iou[1:]),
+            "pixel_acc": correct / labeled if labeled > 0 else float("nan"),
+            "labeled": int(labeled), "correct": int(correct)}
+
+
+def _nanmean(a: np.ndarray) -> float:
+    """np.nanmean without the RuntimeWarning when everything is NaN (gives NaN)."""
+    a = np.asarray(a, dtype=np.float64)
+    ok = ~np.isnan(a)
+    return float(a[ok].mean()) if ok.any() else float("nan")
+
+
+def format_results(iou: Sequence[float], miou: float, miou_no_back: float, pixel_acc: float,
+                   class_names: Optional[Sequence[str]] = None) -> str:
+    """The reference result block (REFERENCE 5.5), without a trailing newline.
+
+    One line ``"<i+1> <name>\\t<IoU*100 %.3f>%"`` per class, a dashes line, and
+    ``"mIou: X%     mIoU(no_back): Y%      mACC: Z%"`` with percentages to 3 decimals.
+    """
+    names = list(class_names) if class_names is not None else []
+    if len(names) != len(iou):
+        names = [f"class_{i}" for i in range(len(iou))]
+    lines = ["%d %s\t%.3f%%" % (i + 1, names[i], iou[i] * 100) for i in range(len(iou))]
+    lines.append("-" * 36)
+    lines.append("mIou: %.3f%%     mIoU(no_back): %.3f%%      mACC: %.3f%%"
+                 % (miou * 100, miou_no_back * 100, pixel_acc * 100))
+    return "\n".join(lines)

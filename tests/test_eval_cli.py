@@ -1,0 +1,300 @@
+"""eval.py command line on generated VOC-layout data with fabricated checkpoints."""
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from furnace.config import load_config
+from furnace.engine.checkpoint import atomic_save
+from furnace.eval import cli
+from furnace.eval.cli import EvalError, link_file, parse_devices, shard_indices
+from furnace.eval.visualize import BAR_WIDTH, colorize, get_palette, make_composite
+
+IDS = ["2007_000001", "2007_000002", "2007_000003"]
+SIZES = [(40, 50), (30, 28), (36, 44)]      # sliding (2x2 windows), single, sliding
+
+
+class TinyBranch(torch.nn.Module):
+    """A few-parameter stand-in for a branch: (feature, logits, var) at input size."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.classifier = torch.nn.Conv2d(8, num_classes, 1)
+        self.variancelayer = torch.nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x))
+        return f, self.classifier(f), F.softplus(self.variancelayer(f))
+
+
+class TinyDual(torch.nn.Module):
+    eval_branch = 1
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.branch1 = TinyBranch(num_classes)
+        self.branch2 = TinyBranch(num_classes)
+
+    def forward(self, x):
+        return self.branch1(x)[1]
+
+
+def tiny_factory(C):
+    """Module-level, so that spawned evaluation processes can import it."""
+    return TinyDual(C.num_classes)
+
+
+def make_voc_data(root: Path, ids=IDS, sizes=SIZES, seed=0):
+    """A tiny VOC-layout dataset: val/image/<id>.png, val/label/<id>.png, val.txt."""
+    rng = np.random.RandomState(seed)
+    (root / "val" / "image").mkdir(parents=True)
+    (root / "val" / "label").mkdir(parents=True)
+    for i, (h, w) in zip(ids, sizes):
+        img = rng.randint(0, 256, (h, w, 3)).astype(np.uint8)
+        label = rng.randint(0, 21, (h, w)).astype(np.uint8)
+        label[: h // 4, : w // 4] = 255
+        label[-3:, -3:] = 1
+        cv2.imwrite(str(root / "val" / "image" / f"{i}.png"), img[:, :, ::-1])
+        cv2.imwrite(str(root / "val" / "label" / f"{i}.png"), label)
+    (root / "val.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+CONFIG = """
+from furnace.config import base_config
+config = C = base_config()
+C.dataset = "voc"
+C.dataset_path = {root!r}
+C.eval_source = "val.txt"
+C.num_classes = 21
+C.backbone = "resnet18"
+C.eval_crop_size = 32
+C.eval_batch_windows = 4
+C.num_workers = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def voc_exp(tmp_path_factory):
+    base = tmp_path_factory.mktemp("evalcli")
+    root = make_voc_data(base / "pascal_voc")
+    exp = base / "exp"
+    exp.mkdir()
+    (exp / "config.py").write_text(CONFIG.format(root=str(root)))
+    from furnace.models import build_network
+    torch.manual_seed(0)
+    net = build_network(21, "resnet18", 16, None)
+    state = net.state_dict()
+    snap = exp / "log" / "snapshot"
+    atomic_save({"model": state, "epoch": 3, "iteration": 9}, snap / "epoch-3.pth")
+    os.link(snap / "epoch-3.pth", snap / "epoch-5.pth")       # same weights, cheap
+    os.link(snap / "epoch-3.pth", snap / "epoch-last.pth")
+    (snap / "notes.txt").write_text("not a checkpoint")
+    return {"exp": exp, "root": root, "snap": snap, "state": state}
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for var in ("snapshot_dir", "volna", "batch_size", "learning_rate", "snapshot_iter",
+                "debug"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _run(exp, *args):
+    return cli.main(str(exp), list(args))
+
+
+def _exit_error(capsys, exp, *args):
+    with pytest.raises(SystemExit) as e:
+        _run(exp, *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ")
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def first_run(voc_exp):
+    """eval.py -e 3-5 -d cpu -s with the real ResNet-18 dual network (run once)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        res = _run(voc_exp["exp"], "-e", "3-5", "-d", "cpu", "-s")
+    return res, buf.getvalue()
+
+
+def test_range_save_images_and_val_log(voc_exp, first_run):
+    exp, snap = voc_exp["exp"], voc_exp["snap"]
+    res, out = first_run
+    assert [r["epoch"] for r in res] == [3, 5]
+    assert [Path(r["path"]).name for r in res] == ["epoch-3.pth", "epoch-5.pth"]
+    assert res[0]["hist"].sum() > 0 and np.array_equal(res[0]["hist"], res[1]["hist"])
+    assert res[0]["miou"] == res[1]["miou"]
+    assert len(res[0]["iou"]) == 21
+    for key in ("miou", "miou_no_back", "pixel_acc"):
+        assert 0 <= res[0][key] <= 1
+    # pixel count: every label pixel except the 255 corners
+    labels = [cv2.imread(str(voc_exp["root"] / "val" / "label" / f"{i}.png"),
+                         cv2.IMREAD_GRAYSCALE) for i in IDS]
+    assert res[0]["hist"].sum() == sum(int((lb != 255).sum()) for lb in labels)
+    assert f"Model: {snap / 'epoch-3.pth'}" in out
+    assert "1 background\t" in out and "21 tv/monitor\t" in out and "mIou: " in out
+
+    # val log and its link
+    logs = sorted((exp / "log").glob("val_*.log"))
+    link = exp / "log" / "val_last.log"
+    assert link.is_symlink() and link.resolve() in [p.resolve() for p in logs]
+    text = link.read_text()
+    assert text.count("Model: ") == 2 and res[0]["text"] in text
+    assert text.startswith(f"Model: {snap / 'epoch-3.pth'}\n1 background\t")
+
+    # composites: input | prediction | ground truth | variance, true palette colours
+    palette = get_palette("voc", 21)
+    for name, (h, w) in zip(IDS, SIZES):
+        path = exp / "log" / "pred_imgs" / "epoch-3" / f"{name}.png"
+        comp = cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1]
+        assert comp.shape == (h, 4 * w + 3 * BAR_WIDTH, 3)
+        img = cv2.imread(str(voc_exp["root"] / "val" / "image" / f"{name}.png"))[:, :, ::-1]
+        label = cv2.imread(str(voc_exp["root"] / "val" / "label" / f"{name}.png"),
+                           cv2.IMREAD_GRAYSCALE)
+        panels = [comp[:, k * (w + BAR_WIDTH): k * (w + BAR_WIDTH) + w] for k in range(4)]
+        bars = [comp[:, k * (w + BAR_WIDTH) + w: (k + 1) * (w + BAR_WIDTH)] for k in range(3)]
+        assert all((b == 0).all() for b in bars)
+        np.testing.assert_array_equal(panels[0], img)
+        np.testing.assert_array_equal(panels[2], colorize(label, palette))
+        assert tuple(panels[2][-1, -1]) == (128, 0, 0)              # class 1, not shifted
+        assert (panels[2][0, 0] == 255).all()                       # ignore is white
+        pred_px = panels[1].reshape(-1, 3)
+        allowed = {tuple(c) for c in palette} | {(255, 255, 255)}
+        assert {tuple(c) for c in pred_px} <= allowed
+        assert (panels[1][label == 255] == 255).all()
+        assert panels[3].std() >= 0 and panels[3].shape == (h, w, 3)
+
+
+
+def test_reference_bare_module_prefixed_state_dict(voc_exp, first_run, tmp_path):
+    """The reference's DataParallel-era layout: a bare state dict with `module.` prefixes."""
+    bare = tmp_path / "ref_bare.pth"
+    torch.save({"module." + k: v for k, v in voc_exp["state"].items()}, bare)
+    a = _run(voc_exp["exp"], "-e", str(bare), "-d", "cpu")
+    assert np.array_equal(a[0]["hist"], first_run[0][0]["hist"])
+    assert a[0]["epoch"] is None
+
+
+def test_reference_model_key_layout(voc_exp, tmp_path):
+    """The reference's own checkpoint dict (model, optimizer_1/2, epoch, iteration)."""
+    C = load_config(voc_exp["exp"], [f"log_dir={tmp_path / 'log'}"])
+    torch.manual_seed(4)
+    state = TinyDual(21).state_dict()
+    ours, ref = tmp_path / "ours.pth", tmp_path / "ref.pth"
+    atomic_save({"model": state, "epoch": 2, "iteration": 5}, ours)
+    torch.save({"model": {"module." + k: v for k, v in state.items()}, "optimizer_1": {},
+                "optimizer_2": {}, "epoch": 39, "iteration": 991}, ref)
+    a = cli.run(C, str(ours), ["cpu"], model_factory=tiny_factory)
+    b = cli.run(C, str(ref), ["cpu"], model_factory=tiny_factory)
+    assert np.array_equal(a[0]["hist"], b[0]["hist"])
+    assert (a[0]["epoch"], b[0]["epoch"]) == (2, 39)
+    # in-training validation helper: same numbers, model mode restored
+    model = TinyDual(21)
+    model.load_state_dict(state)
+    model.train()
+    m = cli.evaluate_model(model, C, "cpu")
+    assert np.array_equal(m["hist"], a[0]["hist"]) and m["miou"] == a[0]["miou"]
+    assert model.training
+
+
+def test_wrong_class_count_is_one_line(voc_exp, tmp_path, capsys):
+    path = tmp_path / "c5.pth"
+    torch.save({"model": {"branch1.classifier.weight": torch.zeros(5, 256, 1, 1),
+                          "branch1.classifier.bias": torch.zeros(5)}}, path)
+    line = _exit_error(capsys, voc_exp["exp"], "-e", str(path), "-d", "cpu")
+    assert "num_classes=5" in line and "num_classes=21" in line and str(path) in line
+
+
+def test_missing_checkpoint_and_bad_specs(voc_exp, capsys):
+    exp = voc_exp["exp"]
+    line = _exit_error(capsys, exp, "-e", "7", "-d", "cpu")
+    assert "epoch-7.pth" in line and "3, 5" in line
+    line = _exit_error(capsys, exp, "-e", "9-12", "-d", "cpu")
+    assert "9-12" in line and "3, 5" in line
+    assert "not understood" in _exit_error(capsys, exp, "-e", "foo", "-d", "cpu")
+    assert "missing.pth" in _exit_error(capsys, exp, "-e", "missing.pth", "-d", "cpu")
+    line = _exit_error(capsys, exp, "-e", "3", "-d", "cpu", "--set", "num_clases=3")
+    assert "num_clases" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_gpu_request_without_cuda(voc_exp, capsys):
+    line = _exit_error(capsys, voc_exp["exp"], "-e", "3", "-d", "0")
+    assert "GPU 0" in line and "0 CUDA device" in line
+
+
+def test_last_and_two_cpu_processes_merge_histograms(voc_exp, tmp_path, capsys):
+    C = load_config(voc_exp["exp"], [f"snapshot_dir={tmp_path / 'snap'}",
+                                      f"log_dir={tmp_path / 'log'}"])
+    torch.manual_seed(3)
+    atomic_save({"model": TinyDual(21).state_dict(), "epoch": 7, "iteration": 1},
+                tmp_path / "snap" / "epoch-last.pth")
+    single = cli.run(C, "last", ["cpu"], model_factory=tiny_factory)
+    multi = cli.run(C, "last", ["cpu", "cpu"], verbose=True, model_factory=tiny_factory)
+    err = capsys.readouterr().err
+    assert "cpu handles 2 images" in err and "cpu handles 1 images" in err
+    assert np.array_equal(single[0]["hist"], multi[0]["hist"])
+    assert single[0]["epoch"] == multi[0]["epoch"] == 7
+    assert single[0]["hist"].sum() > 0
+    assert (tmp_path / "log" / "val_last.log").read_text().count("Model: ") == 2
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def test_parse_devices():
+    assert parse_devices("cpu") == ["cpu"]
+    assert parse_devices("cpu,cpu") == ["cpu", "cpu"]
+    assert parse_devices("") == (["cuda:0"] if torch.cuda.is_available() else ["cpu"])
+    for bad in ("x", "1-0", "0-", ","):
+        with pytest.raises(EvalError):
+            parse_devices(bad)
+    n = torch.cuda.device_count()
+    with pytest.raises(EvalError, match=f"{n} CUDA device"):
+        parse_devices(str(n))
+
+
+def test_shard_indices_are_contiguous():
+    assert [list(r) for r in shard_indices(5, 2)] == [[0, 1, 2], [3, 4]]
+    assert [list(r) for r in shard_indices(1, 3)] == [[0], [], []]
+    assert sum(len(r) for r in shard_indices(1449, 8)) == 1449
+
+
+def test_link_file_replaces_and_falls_back_to_copy(tmp_path, monkeypatch):
+    a, b, link = tmp_path / "a.log", tmp_path / "b.log", tmp_path / "last.log"
+    a.write_text("A")
+    b.write_text("B")
+    link_file(a, link)
+    assert link.is_symlink() and link.read_text() == "A"
+    link_file(b, link)
+    assert link.is_symlink() and link.read_text() == "B"
+
+    def no_symlink(*args, **kw):
+        raise OSError("symlinks not supported")
+
+    monkeypatch.setattr(os, "symlink", no_symlink)
+    link_file(a, link)
+    assert not link.is_symlink() and link.read_text() == "A"
+
+
+def test_composite_layout_without_gt_and_var():
+    img = np.full((4, 5, 3), 7, dtype=np.uint8)
+    pred = np.array([[0, 1, 2, 255, 19]] * 4)
+    pal = get_palette("city", 19)
+    comp = make_composite(img, pred, None, pal)
+    assert comp.shape == (4, 2 * 5 + BAR_WIDTH, 3)
+    right = comp[:, 5 + BAR_WIDTH:]
+    assert tuple(right[0, 0]) == (128, 64, 128) and tuple(right[0, 1]) == (244, 35, 232)
+    assert tuple(right[0, 3]) == (255, 255, 255) and tuple(right[0, 4]) == (0, 0, 0)
