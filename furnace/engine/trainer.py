@@ -37,6 +37,7 @@ from . import checkpoint as ckpt_io
 from .dist import (DistInfo, average_gradients, broadcast_module, max_rank_divergence,
                    reduce_mean)
 from .lr import PolyLR, set_lr
+from .syncbn import convert_sync_batchnorm
 
 logger = logging.getLogger("furnace.engine")
 
@@ -315,7 +316,7 @@ def train(C: Config, info: DistInfo, resume: Optional[str] = None) -> Path:
 
     model = build_model(C)
     if info.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, device)
     model.to(device)
     broadcast_module(model, info)
     opt1, opt2 = make_optimizer(model.branch1, C), make_optimizer(model.branch2, C)
