@@ -1,5 +1,6 @@
 """Training engine: every script runs, loss = sum of public-API terms, switches, resume, NaN."""
 import runpy
+from pathlib import Path
 import sys
 
 import pytest
@@ -210,3 +211,20 @@ def test_batch_of_one_is_rejected(voc_root, tmp_path, monkeypatch, capsys):
         run_script(ROOT / "exp_voc" / "train.py",
                    overrides(voc_root, tmp_path, ["batch_size=1"]), monkeypatch)
     assert "batch_size=1" in capsys.readouterr().err
+
+
+def test_train_then_evaluate_last_and_range(voc_root, tmp_path, monkeypatch, capsys):
+    args = overrides(voc_root, tmp_path)
+    run_script(ROOT / "exp_voc" / "train.py", args, monkeypatch)
+    from furnace.eval.cli import main as eval_main
+    eval_args = ["-d", "cpu", "--set"] + args[1:] + ["eval_crop_size=48"]
+    last = eval_main(ROOT / "exp_voc", ["-e", "last", "-s"] + eval_args)
+    ranged = eval_main(ROOT / "exp_voc", ["-e", "0-"] + eval_args)
+    assert len(last) == 1 and [r["epoch"] for r in ranged] == [0, 1]
+    # epoch-last is a copy of epoch 1: same numbers
+    assert last[0]["miou"] == ranged[1]["miou"]
+    val_last = tmp_path / "log" / "val_last.log"
+    text = val_last.read_text()  # the log of the latest eval run (the range)
+    assert "epoch-0.pth" in text and "epoch-1.pth" in text
+    assert "mIoU(no_back)" in text and "mACC" in text
+    assert len(list(Path(last[0]["save_dir"]).glob("*.png"))) == 3
