@@ -228,3 +228,24 @@ def test_train_then_evaluate_last_and_range(voc_root, tmp_path, monkeypatch, cap
     assert "epoch-0.pth" in text and "epoch-1.pth" in text
     assert "mIoU(no_back)" in text and "mACC" in text
     assert len(list(Path(last[0]["save_dir"]).glob("*.png"))) == 3
+
+
+def test_split_backward_gives_the_same_gradients():
+    C = _config()
+    torch.manual_seed(0)
+    model = build_model(C).train()
+    batch = _batches(C)
+    step = DUEBStep(model, C, batch_per_process=2)
+    torch.manual_seed(3)
+    loss, _, _ = step(*batch)
+    loss.backward()
+    whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    calls = []
+    loss2, terms, _ = step(*batch, backward=lambda l: calls.append(1) or l.backward())
+    assert len(calls) == 2 and not loss2.requires_grad
+    torch.testing.assert_close(loss2, loss.detach(), rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        if n in whole:
+            torch.testing.assert_close(p.grad, whole[n], rtol=1e-4, atol=1e-6, msg=n)

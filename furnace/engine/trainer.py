@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -122,9 +122,16 @@ class DUEBStep:
         return mixed
 
     def __call__(self, lab: Dict[str, torch.Tensor], u0: Optional[Dict[str, torch.Tensor]] = None,
-                 u1: Optional[Dict[str, torch.Tensor]] = None):
+                 u1: Optional[Dict[str, torch.Tensor]] = None,
+                 backward: Optional[Callable[[torch.Tensor], None]] = None):
         """Returns ``(loss, terms, extras)``: the total loss, a dict of its (weighted
-        components') values as 0-d tensors, and tensors for visualisation."""
+        components') values as 0-d tensors, and tensors for visualisation.
+
+        ``backward``: if given, it is called on the supervised part of the loss as soon as
+        that part is complete (before the teacher and student passes), and on the rest at the
+        end. Gradients add up to those of the total loss, but the supervised graph is freed
+        before the student graph is built, which lowers peak memory. ``loss`` is then detached.
+        """
         C = self.C
         imgs, gts = lab["data"], lab["label"]
         terms: Dict[str, torch.Tensor] = {}
@@ -154,7 +161,19 @@ class DUEBStep:
             terms["loss_all"] = (w * self.aleatoric(z1s, v1s, gts)
                                  + w * self.aleatoric(z2s, v2s, gts))
 
+        sup_loss = terms["sup_1"] + terms["sup_2"]
+        if self.use_energy:
+            sup_loss = sup_loss + C.energy.sup_weight * (terms["predlog_sup1"]
+                                                         + terms["predlog_sup2"])
+        if self.use_aleatoric:
+            sup_loss = sup_loss + terms["loss_all"]
+        split = backward is not None and not fused
+        if split:
+            backward(sup_loss)
+            sup_loss = sup_loss.detach()
+
         pl = None
+        unsup_loss = None
         if self.use_unsup:
             if not fused:
                 mask = u0["mask"]
@@ -173,24 +192,26 @@ class DUEBStep:
                 terms["predlog_unsup1"] = energy_term(F.softmax(z1u, dim=1), pl.inter, IGNORE)
                 terms["predlog_unsup2"] = energy_term(F.softmax(z2u, dim=1), pl.union, IGNORE)
 
-        loss = terms["sup_1"] + terms["sup_2"]
-        terms["loss_sup"] = loss.detach()
-        if self.use_unsup:
             terms["loss_unsup"] = C.unsup_weight * (terms["inter"] + terms["union"])
-            loss = loss + terms["loss_unsup"]
-        if self.use_energy:
-            loss = loss + C.energy.sup_weight * (terms["predlog_sup1"] + terms["predlog_sup2"])
-            if self.use_unsup:
-                loss = loss + C.energy.unsup_weight * (terms["predlog_unsup1"]
-                                                       + terms["predlog_unsup2"])
-        if self.use_aleatoric:
-            loss = loss + terms["loss_all"]
-            if self.use_unsup:
-                loss = loss + terms["loss_all_unsup"]
-        terms["loss"] = loss
-        if pl is not None:
+            unsup_loss = terms["loss_unsup"]
+            if self.use_energy:
+                unsup_loss = unsup_loss + C.energy.unsup_weight * (terms["predlog_unsup1"]
+                                                                   + terms["predlog_unsup2"])
+            if self.use_aleatoric:
+                unsup_loss = unsup_loss + terms["loss_all_unsup"]
             terms["overlap"] = pl.overlap
-        extras = {"image": imgs, "label": gts, "logits": z1s, "var": v1s}
+
+        terms["loss_sup"] = (terms["sup_1"] + terms["sup_2"]).detach()
+        loss = sup_loss if unsup_loss is None else sup_loss + unsup_loss
+        if backward is not None:
+            if not split:
+                backward(loss)
+            elif unsup_loss is not None:
+                backward(unsup_loss)
+            loss = loss.detach()
+        terms = {k: v.detach() for k, v in terms.items()}
+        terms["loss"] = loss
+        extras = {"image": imgs, "label": gts, "logits": z1s.detach(), "var": v1s.detach()}
         return loss, terms, extras
 
 
@@ -370,7 +391,10 @@ def train(C: Config, info: DistInfo, resume: Optional[str] = None) -> Path:
                 lab, u0, u1 = (_to_device(b, device) for b in (lab, u0, u1))
                 opt1.zero_grad(set_to_none=True)
                 opt2.zero_grad(set_to_none=True)
-                loss, terms, extras = step(lab, u0, u1)
+                # backward runs inside the step (supervised part first, to free its graph
+                # early); the optimisers only step after the finiteness check below
+                loss, terms, extras = step(lab, u0, u1,
+                                           backward=lambda l: scaler.scale(l).backward())
                 t_global = epoch * niters_full + idx
                 lr = policy.get_lr(t_global)
                 set_lr((opt1, opt2), lr)
@@ -383,7 +407,6 @@ def train(C: Config, info: DistInfo, resume: Optional[str] = None) -> Path:
                         f"loss term '{bad[0]}' is {values[bad[0]]} at epoch {epoch} iteration "
                         f"{idx} (global {t_global}); stopped before the optimiser step, the last "
                         f"checkpoint in {snapshot_dir} is intact. Try a lower lr or amp=off.")
-                scaler.scale(loss).backward()
                 average_gradients(params, info)
                 scaler.step(opt1)
                 scaler.step(opt2)
