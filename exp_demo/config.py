@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from furnace.config import base_config, data_root  # noqa: E402
-from furnace.data.demo import DEMO_CLASSES  # noqa: E402
+from furnace.data.demo import DEMO_CLASSES, ensure_demo_data  # noqa: E402
 
 config = C = base_config()
 C.dataset = "voc"                     # the demo uses the VOC layout
@@ -22,12 +22,12 @@ C.num_eval_imgs = 200
 C.labeled_ratio = 8
 C.backbone = "resnet18"
 C.pretrained_model = None             # no ImageNet weights: train from scratch
-C.image_height = C.image_width = 96
-C.train_scale_array = [0.75, 1, 1.25, 1.5]
-C.batch_size = 8
+C.image_height = C.image_width = 64
+C.train_scale_array = [0.5, 0.75, 1.0]
+C.batch_size = 4
 C.lr = 0.02
-C.nepochs = 4
-C.niters_per_epoch = 40
+C.nepochs = 3
+C.niters_per_epoch = 50
 C.num_workers = 2
 C.aleatoric.samples = 10
 C.snapshot_iter = 1
@@ -36,3 +36,7 @@ C.snapshot_keep = 2
 C.eval_crop_size = 128
 C.eval_mode = "whole"
 C.tb_images_every = 50
+
+# Generate DATA/demo on first use (about 15 s; a stamp file marks a complete dataset).
+if os.path.abspath(C.dataset_path) == os.path.abspath(data_root("demo")):
+    ensure_demo_data(C.dataset_path)

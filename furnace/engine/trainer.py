@@ -328,12 +328,21 @@ def train(C: Config, info: DistInfo, resume: Optional[str] = None) -> Path:
                          "Increase batch_size (or use fewer processes).")
 
     seed_everything(C.seed)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if C.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    try:
+        return _train(C, info, resume, device, batch)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.device,
+           batch: int) -> Path:
 
     model = build_model(C)
     if info.distributed:
