@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import furnace.losses.aleatoric as aleatoric_mod
 import furnace.losses.energy as energy_mod
 from furnace.losses import (CITYSCAPES_CLASS_WEIGHTS, AleatoricLoss, OhemCrossEntropy,
                             cross_entropy, energy_term, label_and_confidence, pseudo_labels,
@@ -31,6 +32,15 @@ def make(B=2, C=5, H=6, W=7, seed=0, dtype=torch.float64, p_ignore=0.2, device="
 
 def leaf(t):
     return t.detach().clone().requires_grad_(True)
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny calls: one thread (OpenMP hand-offs dominate on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- aleatoric
@@ -78,12 +88,30 @@ def hand_per_pixel(z, var, y, noise):
     return num / nv + float((var.exp() - 1).mean())
 
 
+@pytest.fixture(params=["cpu", "cpu_valid_only", "device_path", "max_each", "all_valid",
+                        "huge_noise"])
+def al_path(request, monkeypatch):
+    """Code paths of the aleatoric loop: CPU with injected noise (masks, shift by max_c z),
+    CPU on the valid pixels only (the layout of the random draws), the path used off CPU
+    (masks, per-sample max; forced on CPU here), the per-sample max on CPU, nothing ignored,
+    and noise large enough that exp would overflow without the fallback (valid pixels only)."""
+    if request.param in ("cpu_valid_only", "huge_noise"):
+        monkeypatch.setattr(aleatoric_mod, "_COMPACT_INJECTED", True)
+    if request.param == "device_path":
+        monkeypatch.setattr(aleatoric_mod, "_syncs_ok", lambda device: False)
+    if request.param == "max_each":
+        monkeypatch.setattr(aleatoric_mod, "_CHECKED_SHIFT", False)
+    return request.param
+
+
 @pytest.mark.parametrize("per_pixel", [False, True])
 @pytest.mark.parametrize("learn_variance", [False, True])
-def test_aleatoric_matches_naive_autograd(per_pixel, learn_variance):
-    z, var, y = make(seed=1)
+def test_aleatoric_matches_naive_autograd(per_pixel, learn_variance, al_path):
+    z, var, y = make(seed=1, p_ignore=0.0 if al_path == "all_valid" else 0.2)
     noise = torch.sqrt(var).unsqueeze(0) * torch.randn(4, *z.shape, dtype=z.dtype,
                                                        generator=torch.Generator().manual_seed(7))
+    if al_path == "huge_noise":
+        noise[1:3] *= 800.0                 # |noise| ~ 1e3: exp(1e3) overflows float64
     z1, v1, z2, v2 = leaf(z), leaf(var), leaf(z), leaf(var)
     ours = AleatoricLoss(samples=4, per_pixel=per_pixel, learn_variance=learn_variance)(
         z1, v1, y, noise=noise)
@@ -121,19 +149,81 @@ def test_aleatoric_learn_variance_gives_data_gradient():
     assert data[ignored].abs().max() < 1e-7       # ignored pixels only see the depressor
 
 
-def test_aleatoric_same_stream_as_reference():
-    # Normal(0, sigma).sample((C,)) -> transpose -> squeeze == our [C,B,H,W] normal_ fill
-    for B in (2, 1):                                # B=1: the reference squeezes the batch dim
-        z, var, y = make(B=B, C=5, H=8, W=9, seed=5, dtype=torch.float32)
-        z1, z2 = leaf(z), leaf(z)
-        torch.manual_seed(123)
-        ours = AleatoricLoss(samples=10)(z1, var, y)
-        torch.manual_seed(123)
-        ref = literal.literal_aleatoric(z2, var, y, T=10, num_classes=5)
-        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
-        ours.backward()
-        ref.backward()
-        torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-5, atol=1e-8)
+def test_aleatoric_noise_is_gaussian_with_std_sigma(one_thread):
+    """The random draws are N(0, sigma^2), sigma = sqrt(var) + 1e-15, i.i.d. over classes and
+    samples.  One valid pixel, two classes, T = 1, per-pixel mode: the loss is
+    (1 + m) l0 + depressor with m = -ELU(l0 - l1) and l1 = softplus(z1 - z0 + n1 - n0), so every
+    call reveals the noise difference delta = n1 - n0 ~ N(0, 2 sigma^2)."""
+    var = torch.full((1, 1, 1, 1), 1.44, dtype=torch.float64)    # sigma = 1.2
+    z = torch.zeros(1, 2, 1, 1, dtype=torch.float64)
+    y = torch.zeros(1, 1, 1, dtype=torch.long)
+    crit = AleatoricLoss(samples=1, per_pixel=True)
+    l0 = math.log(2.0)
+    dep = math.expm1(1.44)
+    g = torch.Generator().manual_seed(3)
+    deltas = []
+    for _ in range(3000):
+        m = (float(crit(z, var, y, generator=g)) - dep) / l0 - 1
+        d = -m if m < 0 else math.log1p(-m)                      # ELU inverse
+        deltas.append(math.log(math.expm1(l0 - d)))              # softplus inverse
+    x = torch.tensor(deltas, dtype=torch.float64) / (math.sqrt(2.0) * 1.2)   # ~ N(0, 1)
+    n = x.numel()
+    assert abs(float(x.mean())) < 4 / math.sqrt(n)
+    assert abs(float(x.std()) - 1) < 4 / math.sqrt(2 * n)
+    assert abs(float((x ** 4).mean()) - 3) < 4 * math.sqrt(96 / n)   # kurtosis of a normal
+    assert abs(float((x[1:] * x[:-1]).mean())) < 4 / math.sqrt(n)    # successive draws
+    # Kolmogorov-Smirnov distance to the normal CDF (critical value 1.63/sqrt(n) at 1%)
+    cdf = 0.5 * (1 + torch.erf(x.sort().values / math.sqrt(2)))
+    k = torch.arange(1, n + 1, dtype=torch.float64) / n
+    assert float(torch.maximum(k - cdf, cdf - (k - 1 / n)).max()) < 1.63 / math.sqrt(n)
+
+
+def test_aleatoric_random_draws_agree_with_reference_in_distribution(one_thread):
+    """Mean loss and gradient over many seeds: ours vs the literal reference formulation (it
+    draws Normal(0, sigma).sample((C,)); we draw the same distribution in another order)."""
+    z, var, y = make(B=2, C=5, H=8, W=9, seed=5, dtype=torch.float64)
+    var = var * 3                                  # stronger noise, larger effect to resolve
+    crit = AleatoricLoss(samples=10)
+    vals = {"ours": [], "ref": []}
+    grads = {"ours": [], "ref": []}
+    for k in range(150):
+        for name in vals:
+            torch.manual_seed(k)
+            zl = leaf(z)
+            if name == "ours":
+                out = crit(zl, var, y)
+            else:
+                out = literal.literal_aleatoric(zl, var, y, T=10, num_classes=5)
+            out.backward()
+            vals[name].append(float(out.detach()))
+            grads[name].append(zl.grad)
+    a, b = torch.tensor(vals["ours"]), torch.tensor(vals["ref"])
+    se = math.sqrt((a.var() + b.var()) / a.numel())
+    assert float(a.std()) > 1e-3                           # the noise does matter
+    assert abs(float(a.mean() - b.mean())) < 4 * se
+    ga, gb = torch.stack(grads["ours"]), torch.stack(grads["ref"])
+    se_g = ((ga.var(0) + gb.var(0)) / ga.shape[0]).sqrt()
+    assert float(((ga.mean(0) - gb.mean(0)).abs() - 5 * se_g).max()) < 1e-12
+
+
+def test_aleatoric_overflow_fallback_redraws_same_noise(monkeypatch):
+    """Huge variance: the shift by max_c z would overflow exp; the sample is redone with the
+    same draw (generator state restored) and the per-sample max, so the result equals the
+    always-per-sample-max computation and the stream stays in step."""
+    z, var, y = make(seed=27, dtype=torch.float32)
+    var = var * 1e4                                         # sigma ~ 100
+    out = {}
+    for checked in (True, False):
+        monkeypatch.setattr(aleatoric_mod, "_CHECKED_SHIFT", checked)
+        zl = leaf(z)
+        g = torch.Generator().manual_seed(4)
+        loss = AleatoricLoss()(zl, var, y, generator=g)    # inf: exp(var) in the depressor
+        loss.backward()
+        assert torch.isfinite(zl.grad).all()                # the CE part is finite
+        out[checked] = (zl.grad, torch.randn(3, generator=g))
+    assert out[True][0].abs().max() > 0
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-9)
+    assert torch.equal(out[True][1], out[False][1])        # same number of draws
 
 
 def test_aleatoric_reproducible():
@@ -312,6 +402,23 @@ def test_label_and_confidence_matches_argmax_softmax():
     lab, conf = label_and_confidence(t)
     assert torch.equal(lab, t.argmax(1)) and int(lab[0, 0, 0]) == 3
     torch.testing.assert_close(conf, F.softmax(t, 1).amax(1))
+
+
+def test_label_and_confidence_many_ties_nan_and_float64():
+    # integer logits: ties at the maximum everywhere; argmax takes the first maximal class
+    g = torch.Generator().manual_seed(28)
+    for dtype in (torch.float32, torch.float64):
+        t = torch.randint(0, 3, (2, 21, 7, 9), generator=g).to(dtype)
+        lab, conf = label_and_confidence(t)
+        assert torch.equal(lab, t.argmax(1))
+        torch.testing.assert_close(conf, F.softmax(t, 1).amax(1), rtol=1e-12 if dtype ==
+                                   torch.float64 else 1e-6, atol=0)
+    t = torch.randn(1, 5, 2, 3, generator=g)
+    t[0, :, 0, 0] = float("nan")                          # no maximum: class 0
+    t[0, 3, 1, 2] = float("inf")
+    lab, _ = label_and_confidence(t)
+    assert int(lab[0, 0, 0]) == 0 and int(lab[0, 1, 2]) == 3
+    assert torch.equal(lab[0, 0, 1:], t[0, :, 0, 1:].argmax(0))
 
 
 def test_pseudo_labels_invariants():
