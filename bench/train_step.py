@@ -8,7 +8,8 @@ batch (B=2, C=21, VOC-style CE supervision, T=10 aleatoric samples) and the same
 then backward and both SGD steps:
 
 * ours: ``furnace.engine.trainer.DUEBStep`` (the step train.py runs), which backpropagates
-  the supervised part before the student passes (same gradients, smaller peak);
+  each branch's share of the loss as soon as it is complete (same passes, BatchNorm updates,
+  random draws and gradients; one branch's graph alive at a time);
 * literal: the reference statements written out with ``bench/literal.py``: the aleatoric loss
   keeping T graphs, a per-class loop for the energy gather, a host-side confusion matrix, and
   a ``.item()`` per loss term for logging as the reference prints every iteration.

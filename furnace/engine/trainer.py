@@ -127,91 +127,83 @@ class DUEBStep:
         """Returns ``(loss, terms, extras)``: the total loss, a dict of its (weighted
         components') values as 0-d tensors, and tensors for visualisation.
 
-        ``backward``: if given, it is called on the supervised part of the loss as soon as
-        that part is complete (before the teacher and student passes), and on the rest at the
-        end. Gradients add up to those of the total loss, but the supervised graph is freed
-        before the student graph is built, which lowers peak memory. ``loss`` is then detached.
+        ``backward``: if given, it is called on each branch's share of the loss as soon as that
+        share is complete: supervised branch 1, supervised branch 2, then (after the teachers)
+        student branch 1 and student branch 2. Passes, BatchNorm updates and random draws keep
+        the reference order and the gradients add up to those of the total loss, but only one
+        branch's graph is alive at a time, which lowers peak memory. ``loss`` is then detached.
         """
         C = self.C
         imgs, gts = lab["data"], lab["label"]
         terms: Dict[str, torch.Tensor] = {}
         fused = C.fuse_passes and self.use_unsup
+        stream = backward is not None and not fused
+        parts = []
 
-        if fused:
+        def add(partial: torch.Tensor) -> None:
+            if stream:
+                backward(partial)
+                partial = partial.detach()
+            parts.append(partial)
+
+        if self.use_unsup:
             mask = u0["mask"]
             mixed_in = u0["data"] * (1 - mask) + u1["data"] * mask
+        if fused:
             t1, t2 = self._teachers(u0["data"], u1["data"], mask)
-            z1, v1 = self.forward(1, torch.cat([imgs, mixed_in]))
-            z2, v2 = self.forward(2, torch.cat([imgs, mixed_in]))
-            B = imgs.shape[0]
-            (z1s, z1u), (v1s, v1u) = z1.split(B), v1.split(B)
-            (z2s, z2u), (v2s, v2u) = z2.split(B), v2.split(B)
-        else:
-            z1s, v1s = self.forward(1, imgs)
-            z2s, v2s = self.forward(2, imgs)
+            outs = {}
+            for k in (1, 2):
+                z, v = self.forward(k, torch.cat([imgs, mixed_in]))
+                outs[k] = (z.split(imgs.shape[0]), v.split(imgs.shape[0]))
 
-        # supervised terms
-        terms["sup_1"] = self.sup_criterion(z1s, gts)
-        terms["sup_2"] = self.sup_criterion(z2s, gts)
-        if self.use_energy:
-            terms["predlog_sup1"] = energy_term(F.softmax(z1s, dim=1), gts, IGNORE)
-            terms["predlog_sup2"] = energy_term(F.softmax(z2s, dim=1), gts, IGNORE)
+        # supervised terms, one branch at a time
+        al_sup, extras = [], {}
+        for k in (1, 2):
+            z, v = (outs[k][0][0], outs[k][1][0]) if fused else self.forward(k, imgs)
+            if k == 1:
+                extras = {"image": imgs, "label": gts, "logits": z.detach(), "var": v.detach()}
+            part = terms[f"sup_{k}"] = self.sup_criterion(z, gts)
+            if self.use_energy:
+                terms[f"predlog_sup{k}"] = energy_term(F.softmax(z, dim=1), gts, IGNORE)
+                part = part + C.energy.sup_weight * terms[f"predlog_sup{k}"]
+            if self.use_aleatoric:
+                al_sup.append(C.aleatoric.sup_weight * self.aleatoric(z, v, gts))
+                part = part + al_sup[-1]
+            add(part)
         if self.use_aleatoric:
-            w = C.aleatoric.sup_weight
-            terms["loss_all"] = (w * self.aleatoric(z1s, v1s, gts)
-                                 + w * self.aleatoric(z2s, v2s, gts))
+            terms["loss_all"] = al_sup[0] + al_sup[1]
 
-        sup_loss = terms["sup_1"] + terms["sup_2"]
-        if self.use_energy:
-            sup_loss = sup_loss + C.energy.sup_weight * (terms["predlog_sup1"]
-                                                         + terms["predlog_sup2"])
-        if self.use_aleatoric:
-            sup_loss = sup_loss + terms["loss_all"]
-        split = backward is not None and not fused
-        if split:
-            backward(sup_loss)
-            sup_loss = sup_loss.detach()
-
-        pl = None
-        unsup_loss = None
         if self.use_unsup:
             if not fused:
-                mask = u0["mask"]
                 t1, t2 = self._teachers(u0["data"], u1["data"], mask)
-                mixed_in = u0["data"] * (1 - mask) + u1["data"] * mask
-                z1u, v1u = self.forward(1, mixed_in)
-                z2u, v2u = self.forward(2, mixed_in)
             pl = pseudo_labels(t1, t2, IGNORE)
-            terms["inter"] = unsup_ce(z1u, pl.inter, pl.weight_inter, IGNORE)
-            terms["union"] = unsup_ce(z2u, pl.union, pl.weight_union, IGNORE)
-            if self.use_aleatoric:
-                w = C.aleatoric.unsup_weight
-                terms["loss_all_unsup"] = (w * self.aleatoric(z1u, v1u, pl.inter)
-                                           + w * self.aleatoric(z2u, v2u, pl.union))
-            if self.use_energy:
-                terms["predlog_unsup1"] = energy_term(F.softmax(z1u, dim=1), pl.inter, IGNORE)
-                terms["predlog_unsup2"] = energy_term(F.softmax(z2u, dim=1), pl.union, IGNORE)
-
+            al_unsup = []
+            # branch 1 learns the intersection labels, branch 2 the union labels
+            for k, name, label, weight in ((1, "inter", pl.inter, pl.weight_inter),
+                                           (2, "union", pl.union, pl.weight_union)):
+                z, v = (outs[k][0][1], outs[k][1][1]) if fused else self.forward(k, mixed_in)
+                terms[name] = unsup_ce(z, label, weight, IGNORE)
+                part = C.unsup_weight * terms[name]
+                if self.use_aleatoric:
+                    al_unsup.append(C.aleatoric.unsup_weight * self.aleatoric(z, v, label))
+                    part = part + al_unsup[-1]
+                if self.use_energy:
+                    terms[f"predlog_unsup{k}"] = energy_term(F.softmax(z, dim=1), label, IGNORE)
+                    part = part + C.energy.unsup_weight * terms[f"predlog_unsup{k}"]
+                add(part)
             terms["loss_unsup"] = C.unsup_weight * (terms["inter"] + terms["union"])
-            unsup_loss = terms["loss_unsup"]
-            if self.use_energy:
-                unsup_loss = unsup_loss + C.energy.unsup_weight * (terms["predlog_unsup1"]
-                                                                   + terms["predlog_unsup2"])
             if self.use_aleatoric:
-                unsup_loss = unsup_loss + terms["loss_all_unsup"]
+                terms["loss_all_unsup"] = al_unsup[0] + al_unsup[1]
             terms["overlap"] = pl.overlap
 
         terms["loss_sup"] = (terms["sup_1"] + terms["sup_2"]).detach()
-        loss = sup_loss if unsup_loss is None else sup_loss + unsup_loss
+        loss = sum(parts[1:], parts[0])
         if backward is not None:
-            if not split:
+            if not stream:
                 backward(loss)
-            elif unsup_loss is not None:
-                backward(unsup_loss)
             loss = loss.detach()
-        terms = {k: v.detach() for k, v in terms.items()}
+            terms = {k: v.detach() for k, v in terms.items()}
         terms["loss"] = loss
-        extras = {"image": imgs, "label": gts, "logits": z1s.detach(), "var": v1s.detach()}
         return loss, terms, extras
 
 
@@ -400,8 +392,8 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
                 lab, u0, u1 = (_to_device(b, device) for b in (lab, u0, u1))
                 opt1.zero_grad(set_to_none=True)
                 opt2.zero_grad(set_to_none=True)
-                # backward runs inside the step (supervised part first, to free its graph
-                # early); the optimisers only step after the finiteness check below
+                # backward runs inside the step, one branch's share at a time to free its
+                # graph early; the optimisers only step after the finiteness check below
                 loss, terms, extras = step(lab, u0, u1,
                                            backward=lambda l: scaler.scale(l).backward())
                 t_global = epoch * niters_full + idx
