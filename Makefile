@@ -22,7 +22,10 @@ demo-data: install
 	$(PYTHON) -m furnace.data.demo
 
 demo: install
-	cd exp_demo && ../$(PYTHON) demo.py
+	$(PYTHON) -m furnace.data.demo
+	cd exp_demo && ../$(PYTHON) train.py && ../$(PYTHON) eval.py -e last -s
+	@echo "demo done: composites (input | prediction | ground truth | variance) in" \
+	      "exp_demo/log/pred_imgs/epoch-last/, logs in exp_demo/log/ (train_*.log, val_last.log, tb/)"
 
 bench: install
 	$(PYTHON) bench/losses.py

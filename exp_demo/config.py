@@ -8,11 +8,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from furnace.config import base_config, data_root  # noqa: E402
-from furnace.data.demo import DEMO_CLASSES, ensure_demo_data  # noqa: E402
+from furnace.data.demo import DEMO_CLASSES  # noqa: E402
 
 config = C = base_config()
 C.dataset = "voc"                     # the demo uses the VOC layout
 C.dataset_path = data_root("demo")
+C.generate_demo_data = True           # build the demo dataset there on first use (~15 s)
 C.split_dir = "subset_train_aug"
 C.eval_source = "val.txt"
 C.class_names = list(DEMO_CLASSES)
@@ -37,6 +38,3 @@ C.eval_crop_size = 128
 C.eval_mode = "whole"
 C.tb_images_every = 50
 
-# Generate DATA/demo on first use (about 15 s; a stamp file marks a complete dataset).
-if os.path.abspath(C.dataset_path) == os.path.abspath(data_root("demo")):
-    ensure_demo_data(C.dataset_path)

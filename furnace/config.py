@@ -118,6 +118,7 @@ def base_config() -> Config:
     C.image_width = 512
     C.train_scale_array = [0.5, 0.75, 1, 1.5, 1.75, 2.0]
     C.num_workers = 4
+    C.generate_demo_data = False               # True: generate the demo dataset if missing
     # CutMix (REFERENCE 3.5)
     C.cutmix_mask_prop_range = [0.25, 0.5]
     C.cutmix_boxmask_n_boxes = 3

@@ -271,6 +271,13 @@ def ensure_demo_data(root=None, seed: int = 0, n_train: int = 1000, n_val: int =
     return str(root.expanduser().absolute())
 
 
+def prepare_from_config(C) -> None:
+    """Generate the demo dataset at ``C.dataset_path`` when the config asks for it
+    (``generate_demo_data``, set by exp_demo) and it is not there yet."""
+    if C.get("generate_demo_data"):
+        ensure_demo_data(C.dataset_path)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m furnace.data.demo",
                                  description="Generate the procedural demo dataset (VOC layout).")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..config import Config
 from ..data import TrainLoaders
+from ..data.demo import prepare_from_config
 from ..losses import (AleatoricLoss, CITYSCAPES_CLASS_WEIGHTS, OhemCrossEntropy, energy_term,
                       pseudo_labels, unsup_ce)
 from ..models import build_network, param_groups
@@ -362,6 +363,10 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
             seed_everything((C.seed + info.rank) * 1000 + start_epoch)
         logger.info("resumed from %s at epoch %d", resume, start_epoch)
 
+    if info.is_main:
+        prepare_from_config(C)
+    if info.distributed:
+        torch.distributed.barrier()
     loaders = TrainLoaders(C, rank=info.rank, world_size=info.world_size)
     step = DUEBStep(model, C, batch, amp)
     params = [p for p in model.parameters() if p.requires_grad]

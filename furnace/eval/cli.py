@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from furnace.config import ConfigError, add_config_arguments, load_config
+from furnace.data.demo import prepare_from_config
 
 from .evaluator import SegEvaluator
 from .metrics import ConfusionMatrix, compute_metrics, format_results
@@ -387,6 +388,7 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
     """
     devices = list(devices) if devices else parse_devices(None)
     paths = resolve_checkpoints(epochs, C.snapshot_dir)
+    prepare_from_config(C)
     names = get_class_names(C.dataset, C.num_classes, C.get("class_names"))
     dataset = _build_eval_dataset(C)
     if len(dataset) == 0:
