@@ -68,11 +68,6 @@ def data_root(*parts: str, env: Optional[Mapping[str, str]] = None) -> str:
     return str(root.joinpath(*parts))
 
 
-# Keys whose value is derived in finalize() when left as None.
-DERIVED_KEYS = ("train_source", "unsup_source", "num_train_imgs", "num_unsup_imgs",
-                "max_samples", "niters_per_epoch", "ohem_min_kept", "snapshot_dir",
-                "snapshot_from")
-
 # Keys restricted to a set of values.
 CHOICES = {
     "dataset": ("voc", "city"),

@@ -11,7 +11,8 @@ from conftest import ROOT
 from helpers import make_city, make_voc
 from furnace.config import load_config
 from furnace.engine import checkpoint as ck
-from furnace.engine.trainer import DUEBStep, build_model
+from furnace.engine.trainer import DUEBStep
+from furnace.models import network_from_config
 from furnace.losses import AleatoricLoss, energy_term, pseudo_labels, unsup_ce
 
 TINY = ["backbone=resnet18", "pretrained_model=none", "image_height=48", "image_width=48",
@@ -88,7 +89,7 @@ def _config(extra=()):
 def test_loss_is_the_sum_of_public_terms():
     C = _config()
     torch.manual_seed(0)
-    model = build_model(C).train()
+    model = network_from_config(C).train()
     lab, u0, u1 = _batches(C)
     step = DUEBStep(model, C, batch_per_process=2)
     torch.manual_seed(7)
@@ -135,7 +136,7 @@ def test_switches_change_exactly_their_terms(al, en, sup_only, expected, monkeyp
     C = _config([f"aleatoric.enabled={al}", f"energy.enabled={en}",
                  f"supervised_only={sup_only}"])
     torch.manual_seed(0)
-    model = build_model(C).train()
+    model = network_from_config(C).train()
     calls = []
     monkeypatch.setattr(AleatoricLoss, "forward", lambda self, *a, **k: calls.append(1) or
                         torch.zeros(()))
@@ -151,7 +152,7 @@ def test_switches_change_exactly_their_terms(al, en, sup_only, expected, monkeyp
 def test_fused_passes_run_and_keep_terms():
     C = _config(["fuse_passes=true"])
     torch.manual_seed(0)
-    model = build_model(C).train()
+    model = network_from_config(C).train()
     loss, terms, _ = DUEBStep(model, C, batch_per_process=2)(*_batches(C))
     assert torch.isfinite(loss) and "loss_all_unsup" in terms
     loss.backward()
@@ -233,7 +234,7 @@ def test_train_then_evaluate_last_and_range(voc_root, tmp_path, monkeypatch, cap
 def test_streamed_backward_gives_the_same_gradients():
     C = _config()
     torch.manual_seed(0)
-    model = build_model(C).train()
+    model = network_from_config(C).train()
     batch = _batches(C)
     step = DUEBStep(model, C, batch_per_process=2)
     torch.manual_seed(3)

@@ -33,7 +33,7 @@ from ..data import TrainLoaders
 from ..data.demo import prepare_from_config
 from ..losses import (AleatoricLoss, CITYSCAPES_CLASS_WEIGHTS, OhemCrossEntropy, energy_term,
                       pseudo_labels, unsup_ce)
-from ..models import build_network, param_groups
+from ..models import network_from_config, param_groups
 from . import checkpoint as ckpt_io
 from .dist import (DistInfo, average_gradients, broadcast_module, max_rank_divergence,
                    reduce_mean)
@@ -210,14 +210,6 @@ class DUEBStep:
 
 # ----------------------------------------------------------------------------- the loop
 
-def build_model(C: Config) -> torch.nn.Module:
-    """The dual-branch network of the config (pretrained backbone when configured)."""
-    return build_network(C.num_classes, C.backbone, C.output_stride, C.pretrained_model,
-                         stem=C.stem, eval_branch=C.eval_branch,
-                         learn_variance=C.aleatoric.learn_variance,
-                         pretrained_strict=C.pretrained_strict)
-
-
 def make_optimizer(branch: torch.nn.Module, C: Config) -> torch.optim.SGD:
     groups = param_groups(branch, C.lr, C.weight_decay, learn_variance=C.aleatoric.learn_variance)
     return torch.optim.SGD(groups, lr=C.lr, momentum=C.momentum, weight_decay=C.weight_decay)
@@ -261,7 +253,6 @@ class _TrainLog:
     """Rank-0 logging: the train log file, tqdm description and tensorboardX events."""
 
     def __init__(self, C: Config, enabled: bool):
-        self.enabled = enabled
         self.file = None
         self.tb = None
         if not enabled:
@@ -337,7 +328,7 @@ def train(C: Config, info: DistInfo, resume: Optional[str] = None) -> Path:
 def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.device,
            batch: int) -> Path:
 
-    model = build_model(C)
+    model = network_from_config(C)
     if info.distributed:
         model = convert_sync_batchnorm(model, device)
     model.to(device)

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from furnace.config import ConfigError, add_config_arguments, load_config
+from furnace.data import DataError, build_eval_dataset
 from furnace.data.demo import prepare_from_config
+from furnace.models import network_from_config
 
 from .evaluator import SegEvaluator
 from .metrics import ConfusionMatrix, compute_metrics, format_results
@@ -100,17 +102,7 @@ def shard_indices(n: int, parts: int) -> List[range]:
 
 def build_model(C) -> torch.nn.Module:
     """The dual-branch network of the config, without pretrained weights."""
-    from furnace.models import build_network
-    return build_network(C.num_classes, C.backbone, C.output_stride, None, stem=C.stem,
-                         eval_branch=C.eval_branch)
-
-
-def _build_eval_dataset(C):
-    try:
-        from furnace.data import build_eval_dataset
-    except ImportError:
-        from furnace.data.datasets import build_eval_dataset
-    return build_eval_dataset(C)
+    return network_from_config(C, pretrained=False)
 
 
 def _identity(x):
@@ -178,7 +170,7 @@ def evaluate_model(model: torch.nn.Module, C, device: str = "cpu", dataset=None,
     ``hist`` (int64 [C, C]).
     """
     if dataset is None:
-        dataset = _build_eval_dataset(C)
+        dataset = build_eval_dataset(C)
     was_training = model.training
     try:
         hist = evaluate_indices(model, C, dataset, range(len(dataset)), device,
@@ -199,7 +191,7 @@ def _worker(rank: int, C, path: str, device: str, indices: range, save_dir, verb
             torch.cuda.set_device(torch.device(device))
         model = model_factory(C)
         epoch = load_checkpoint(model, path)
-        dataset = _build_eval_dataset(C)
+        dataset = build_eval_dataset(C)
 
         def tick(hist):
             q.put(("image", rank, hist.cpu().numpy() if verbose else None))
@@ -238,7 +230,7 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
     so that spawned processes can import it).
     """
     if dataset is None:
-        dataset = _build_eval_dataset(C)
+        dataset = build_eval_dataset(C)
     n = len(dataset)
     shards = shard_indices(n, len(devices))
     if model is None:
@@ -390,7 +382,7 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
     paths = resolve_checkpoints(epochs, C.snapshot_dir)
     prepare_from_config(C)
     names = get_class_names(C.dataset, C.num_classes, C.get("class_names"))
-    dataset = _build_eval_dataset(C)
+    dataset = build_eval_dataset(C)
     if len(dataset) == 0:
         raise EvalError(f"the eval list {C.eval_source} is empty")
     model = model_factory(C)
@@ -428,10 +420,6 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object
     ``error: ...`` to stderr and exit with code 2.
     """
     args = build_parser().parse_args(argv)
-    try:
-        from furnace.data.datasets import DataError
-    except ImportError:  # pragma: no cover - data package without the error class
-        DataError = ValueError
     from furnace.engine.checkpoint import CheckpointError
     try:
         C = load_config(exp_dir, args.overrides)

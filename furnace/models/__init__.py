@@ -9,7 +9,8 @@ Public API::
     load_backbone_weights(backbone, path, strict=True) -> LoadResult
 """
 from .deeplab import ASPP, Head
-from .network import BACKBONES, DualBranchNetwork, SingleNetwork, build_network
+from .network import (BACKBONES, DualBranchNetwork, SingleNetwork, build_network,
+                      network_from_config)
 from .param_groups import param_groups
 from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101
 from .weights import LoadResult, load_backbone_weights
@@ -24,6 +25,7 @@ __all__ = [
     "SingleNetwork",
     "build_network",
     "load_backbone_weights",
+    "network_from_config",
     "param_groups",
     "resnet18",
     "resnet34",

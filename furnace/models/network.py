@@ -198,3 +198,15 @@ def build_network(num_classes: int, backbone: str = "resnet50", output_stride: i
     branch1.init_head_weights()
     branch2.init_head_weights()
     return DualBranchNetwork(branch1, branch2, eval_branch=eval_branch)
+
+
+def network_from_config(C, pretrained: bool = True) -> "DualBranchNetwork":
+    """The dual-branch network an experiment config describes (keys ``num_classes``,
+    ``backbone``, ``output_stride``, ``stem``, ``eval_branch``, ``aleatoric.learn_variance``,
+    ``pretrained_model``, ``pretrained_strict``). ``pretrained=False`` skips the ImageNet
+    weights (evaluation loads a checkpoint over them anyway)."""
+    return build_network(C.num_classes, C.backbone, C.output_stride,
+                         C.pretrained_model if pretrained else None, stem=C.stem,
+                         eval_branch=C.eval_branch, learn_variance=C.aleatoric.learn_variance,
+                         pretrained_strict=C.pretrained_strict)
+
