@@ -31,6 +31,10 @@ C.nepochs = 3
 C.niters_per_epoch = 50
 C.num_workers = 2
 C.aleatoric.samples = 10
+# From scratch the clean CE starts above 1, where the faithful aleatoric loss pushes it up:
+# measured on this demo (1/8 labels, 150 iterations), DUEB reached 16.2 % mIoU with the
+# aleatoric terms from iteration 0 and 29.9 % with them from iteration 50.
+C.aleatoric.start_iter = 50
 C.snapshot_iter = 1
 C.snapshot_from = -1
 C.snapshot_keep = 2

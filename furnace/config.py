@@ -136,8 +136,12 @@ def base_config() -> Config:
     C.ohem_min_kept = None
     C.ohem_class_weight = False                # True: the 19 Cityscapes class weights
     C.unsup_weight = 1.0
+    # start_iter: global iteration from which the aleatoric terms are added (0: from the
+    # first, as the reference). While the clean CE L0 is above about 1 (a network trained from
+    # scratch, early on), the faithful A pushes L0 up (its gradient on L0 is
+    # 1 + M - L0 * mean_t ELU'(d_t), negative there), so from-scratch runs start it later.
     C.aleatoric = Config(enabled=True, samples=10, learn_variance=False, per_pixel=False,
-                         sup_weight=0.5, unsup_weight=1.0)
+                         sup_weight=0.5, unsup_weight=1.0, start_iter=0)
     C.energy = Config(enabled=True, sup_weight=0.5, unsup_weight=1.0)
     C.supervised_only = False                  # labelled data only (baseline, no unsup terms)
     # optimisation

@@ -149,6 +149,23 @@ def test_switches_change_exactly_their_terms(al, en, sup_only, expected, monkeyp
         torch.testing.assert_close(loss, base)
 
 
+def test_aleatoric_start_iter_leaves_the_terms_out_before_it(monkeypatch):
+    C = _config(["aleatoric.start_iter=3"])
+    torch.manual_seed(0)
+    model = network_from_config(C).train()
+    calls = []
+    monkeypatch.setattr(AleatoricLoss, "forward", lambda self, *a, **k: calls.append(1) or
+                        torch.ones(()))
+    step = DUEBStep(model, C, batch_per_process=2)
+    batches = _batches(C)
+    for it, n_calls in ((0, 0), (2, 0), (3, 4), (7, 8)):
+        _, terms, _ = step(*batches, iteration=it)
+        assert len(calls) == n_calls
+        assert ("loss_all" in terms) == (it >= 3) and ("loss_all_unsup" in terms) == (it >= 3)
+    step(*batches)                          # no iteration given: always in
+    assert len(calls) == 12
+
+
 def test_fused_passes_run_and_keep_terms():
     C = _config(["fuse_passes=true"])
     torch.manual_seed(0)

@@ -2,12 +2,15 @@
 
     python -m furnace.data.demo [--root DATA/demo] [--seed 0] [--force]
 
-Each image is a textured background (smooth noise, gradient, stripes or checks, with clutter
-lines and pixel noise) with several objects of 5 shape classes (disc, square, triangle, ring,
-bar) of random size, rotation, position and overlap. Every object gets a random colour and
-texture, so colour does not reveal the class: a model has to learn shape. Later objects occlude
-earlier ones; the label is the visible class (0 = background). Images and labels are lossless
-PNGs (labels are palette PNGs holding the class indices), so the same seed gives the same bytes.
+Each image is a textured, low-saturation background (smooth noise, gradient, stripes or checks,
+with grey clutter lines and pixel noise) with several saturated objects of 5 shape classes
+(disc, square, triangle, ring, bar) of random size, rotation, position and overlap. Saturation
+separates objects from the background; the hue is only a hint of the class (HUE_HINT of the
+objects take a hue from their class's band, the others any hue), so a model gets the easy part
+from colour within a few hundred iterations and has to learn shape for the rest. Later objects
+occlude earlier ones; the label is the visible class (0 = background). Images and labels are
+lossless PNGs (labels are palette PNGs holding the class indices), so the same seed gives the
+same bytes.
 
 Layout under root (as the CPS 'pascal_voc' archive):
     train_aug/image/<id>.png  train_aug/label/<id>.png  val/image/<id>.png  val/label/<id>.png
@@ -35,9 +38,10 @@ from .splits import make_splits, split_file_names
 
 DEMO_CLASSES: List[str] = ["background", "disc", "square", "triangle", "ring", "bar"]
 DEMO_NUM_CLASSES = len(DEMO_CLASSES)
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_RATIOS = (2, 4, 8, 16)
 STAMP_NAME = "demo_stamp.json"
+HUE_HINT = 0.6  # share of objects whose hue lies in their class band
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "DATA" / "demo"
 
 _SPLIT_CODE = {"train": 1, "val": 2}
@@ -47,9 +51,11 @@ _PALETTE_BYTES = voc_palette(256).tobytes()
 # ------------------------------------------------------------------------------ drawing
 
 def _background(rng: np.random.Generator, s: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """float32 [s, s, 3] textured background in 0..255."""
-    c0 = rng.uniform(0, 255, 3).astype(np.float32)
-    c1 = rng.uniform(0, 255, 3).astype(np.float32)
+    """float32 [s, s, 3] textured, low-saturation background in 0..255."""
+    # two greyish colours (a slight tint), so that saturated objects stand out from it
+    base = rng.uniform(50, 170, 2).astype(np.float32)
+    c0 = base[0] + rng.uniform(-15, 15, 3).astype(np.float32)
+    c1 = base[1] + rng.uniform(-15, 15, 3).astype(np.float32)
     kind = int(rng.integers(4))
     if kind == 0:  # smooth noise: coarse random grid upsampled
         g = int(rng.integers(3, 9))
@@ -76,7 +82,7 @@ def _clutter(img: np.ndarray, rng: np.random.Generator, s: int) -> None:
     for _ in range(int(rng.integers(0, 4))):
         p0 = tuple(int(v) for v in rng.integers(0, s, 2))
         p1 = tuple(int(v) for v in rng.integers(0, s, 2))
-        col = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        col = (float(rng.uniform(40, 200)),) * 3  # grey: clutter is never a saturated object
         cv2.line(img, p0, p1, col, int(rng.integers(1, 3)), lineType=cv2.LINE_8)
 
 
@@ -107,6 +113,21 @@ def _shape_mask(cls: int, dy: np.ndarray, dx: np.ndarray, r: float, theta: float
     return (np.abs(u) <= half_len) & (np.abs(v) <= half_w)
 
 
+def _object_colour(rng: np.random.Generator, cls: int) -> np.ndarray:
+    """A saturated colour (float32 RGB in 0..255). The saturation says 'object'; the hue is a
+    hint, not the answer: with probability HUE_HINT it lies in the class's own band of the hue
+    circle, otherwise anywhere, so colour alone classifies about 2 objects in 3 and the rest
+    needs the shape."""
+    if rng.random() < HUE_HINT:
+        band = 180.0 / (DEMO_NUM_CLASSES - 1)  # OpenCV hue runs over 0..180
+        hue = ((cls - 1) + rng.uniform(0, 1)) * band
+    else:
+        hue = rng.uniform(0, 180)
+    hsv = np.array([[[hue, rng.uniform(170, 255), rng.uniform(150, 255)]]], dtype=np.float32)
+    rgb = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
+    return rgb.reshape(3).astype(np.float32)
+
+
 def draw_sample(rng: np.random.Generator, size: int = 128) -> Tuple[np.ndarray, np.ndarray]:
     """One demo sample: (uint8 RGB image [size, size, 3], uint8 label [size, size] in 0..5)."""
     s = int(size)
@@ -114,7 +135,6 @@ def draw_sample(rng: np.random.Generator, size: int = 128) -> Tuple[np.ndarray, 
     img = _background(rng, s, yy, xx)
     _clutter(img, rng, s)
     label = np.zeros((s, s), dtype=np.uint8)
-    bg_mean = img.reshape(-1, 3).mean(0)
     for _ in range(int(rng.integers(3, 8))):
         cls = int(rng.integers(1, DEMO_NUM_CLASSES))
         r = float(rng.uniform(0.08, 0.26) * s)
@@ -128,11 +148,7 @@ def draw_sample(rng: np.random.Generator, size: int = 128) -> Tuple[np.ndarray, 
         m = _shape_mask(cls, yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx, r, theta, rng)
         if m.sum() < 12:
             continue  # drop slivers at the border
-        # random colour, resampled a few times to keep some contrast to the background
-        for _ in range(4):
-            col = rng.uniform(0, 255, 3).astype(np.float32)
-            if np.abs(col - bg_mean).sum() > 90:
-                break
+        col = _object_colour(rng, cls)
         # object texture: a mild gradient across the object (shading)
         a = rng.uniform(0, 2 * np.pi)
         shade = 1.0 + rng.uniform(0.0, 0.35) * (

@@ -124,7 +124,8 @@ class DUEBStep:
 
     def __call__(self, lab: Dict[str, torch.Tensor], u0: Optional[Dict[str, torch.Tensor]] = None,
                  u1: Optional[Dict[str, torch.Tensor]] = None,
-                 backward: Optional[Callable[[torch.Tensor], None]] = None):
+                 backward: Optional[Callable[[torch.Tensor], None]] = None,
+                 iteration: Optional[int] = None):
         """Returns ``(loss, terms, extras)``: the total loss, a dict of its (weighted
         components') values as 0-d tensors, and tensors for visualisation.
 
@@ -133,8 +134,13 @@ class DUEBStep:
         student branch 1 and student branch 2. Passes, BatchNorm updates and random draws keep
         the reference order and the gradients add up to those of the total loss, but only one
         branch's graph is alive at a time, which lowers peak memory. ``loss`` is then detached.
+
+        ``iteration``: the global iteration (from 0); the aleatoric terms are left out before
+        ``C.aleatoric.start_iter`` (None: always in).
         """
         C = self.C
+        use_aleatoric = self.use_aleatoric and (
+            iteration is None or iteration >= int(C.aleatoric.start_iter))
         imgs, gts = lab["data"], lab["label"]
         terms: Dict[str, torch.Tensor] = {}
         fused = C.fuse_passes and self.use_unsup
@@ -167,11 +173,11 @@ class DUEBStep:
             if self.use_energy:
                 terms[f"predlog_sup{k}"] = energy_term(F.softmax(z, dim=1), gts, IGNORE)
                 part = part + C.energy.sup_weight * terms[f"predlog_sup{k}"]
-            if self.use_aleatoric:
+            if use_aleatoric:
                 al_sup.append(C.aleatoric.sup_weight * self.aleatoric(z, v, gts))
                 part = part + al_sup[-1]
             add(part)
-        if self.use_aleatoric:
+        if use_aleatoric:
             terms["loss_all"] = al_sup[0] + al_sup[1]
 
         if self.use_unsup:
@@ -185,7 +191,7 @@ class DUEBStep:
                 z, v = (outs[k][0][1], outs[k][1][1]) if fused else self.forward(k, mixed_in)
                 terms[name] = unsup_ce(z, label, weight, IGNORE)
                 part = C.unsup_weight * terms[name]
-                if self.use_aleatoric:
+                if use_aleatoric:
                     al_unsup.append(C.aleatoric.unsup_weight * self.aleatoric(z, v, label))
                     part = part + al_unsup[-1]
                 if self.use_energy:
@@ -193,7 +199,7 @@ class DUEBStep:
                     part = part + C.energy.unsup_weight * terms[f"predlog_unsup{k}"]
                 add(part)
             terms["loss_unsup"] = C.unsup_weight * (terms["inter"] + terms["union"])
-            if self.use_aleatoric:
+            if use_aleatoric:
                 terms["loss_all_unsup"] = al_unsup[0] + al_unsup[1]
             terms["overlap"] = pl.overlap
 
@@ -390,9 +396,10 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
                 opt2.zero_grad(set_to_none=True)
                 # backward runs inside the step, one branch's share at a time to free its
                 # graph early; the optimisers only step after the finiteness check below
-                loss, terms, extras = step(lab, u0, u1,
-                                           backward=lambda l: scaler.scale(l).backward())
                 t_global = epoch * niters_full + idx
+                loss, terms, extras = step(lab, u0, u1,
+                                           backward=lambda l: scaler.scale(l).backward(),
+                                           iteration=t_global)
                 lr = policy.get_lr(t_global)
                 set_lr((opt1, opt2), lr)
                 names = list(terms)

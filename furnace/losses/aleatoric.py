@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .noise import normal_
 from .ohem import _target_index, check_labels, upcast
 
 __all__ = ["AleatoricLoss"]
@@ -212,7 +213,7 @@ class _MonteCarloCE(torch.autograd.Function):
                 if noise is None:
                     if state is not None and shift:                  # the redo: same draw
                         gen.set_state(state)
-                    X.normal_(generator=generator)                   # eps, i.i.d. N(0, 1)
+                    normal_(X, generator)                            # eps, i.i.d. N(0, 1)
                     eps = X.clone() if need_s else None
                     torch.addcmul(zs, sgl, X, out=X)                 # log2(e) (x_t - max z)
                 else:
