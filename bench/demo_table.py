@@ -65,8 +65,8 @@ def main(argv=None):
     C0 = load_config(ROOT / "exp_demo", [f"labeled_ratio={args.ratio}", *args.overrides], env={})
     header = (f"Demo data, 1/{args.ratio} labels ({C0.num_train_imgs} labelled images), "
               f"{C0.backbone} from scratch, {C0.nepochs} x {C0.niters_per_epoch} iterations "
-              f"at batch {C0.batch_size}, crop {C0.image_height}, seeds {args.seeds}, "
-              f"device {device}.\n\n")
+              f"at batch {C0.batch_size}, crop {C0.image_height}, aleatoric terms from "
+              f"iteration {C0.aleatoric.start_iter}, seeds {args.seeds}, device {device}.\n\n")
     lines = ["| method | mIoU (%) | pixel acc. (%) | train wall time (s) |",
              "|---|---:|---:|---:|"]
     summary = []
