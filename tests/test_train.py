@@ -121,6 +121,15 @@ def test_loss_is_the_sum_of_public_terms():
     assert 0 <= float(terms["overlap"]) <= 1
 
 
+def _step_counting_aleatoric(C, monkeypatch, value):
+    """A DUEBStep whose AleatoricLoss calls are counted (each returns `value`)."""
+    torch.manual_seed(0)
+    model = network_from_config(C).train()
+    calls = []
+    monkeypatch.setattr(AleatoricLoss, "forward", lambda self, *a, **k: calls.append(1) or value)
+    return DUEBStep(model, C, batch_per_process=2), calls
+
+
 @pytest.mark.parametrize("al, en, sup_only, expected", [
     (True, True, False, {"loss_all", "loss_all_unsup", "predlog_sup1", "predlog_sup2",
                          "predlog_unsup1", "predlog_unsup2", "inter", "union", "loss_unsup",
@@ -135,12 +144,7 @@ def test_loss_is_the_sum_of_public_terms():
 def test_switches_change_exactly_their_terms(al, en, sup_only, expected, monkeypatch):
     C = _config([f"aleatoric.enabled={al}", f"energy.enabled={en}",
                  f"supervised_only={sup_only}"])
-    torch.manual_seed(0)
-    model = network_from_config(C).train()
-    calls = []
-    monkeypatch.setattr(AleatoricLoss, "forward", lambda self, *a, **k: calls.append(1) or
-                        torch.zeros(()))
-    step = DUEBStep(model, C, batch_per_process=2)
+    step, calls = _step_counting_aleatoric(C, monkeypatch, torch.zeros(()))
     loss, terms, _ = step(*_batches(C))
     assert set(terms) == expected | {"sup_1", "sup_2", "loss_sup", "loss"}
     assert len(calls) == (0 if not al else (2 if sup_only else 4))
@@ -151,12 +155,7 @@ def test_switches_change_exactly_their_terms(al, en, sup_only, expected, monkeyp
 
 def test_aleatoric_start_iter_leaves_the_terms_out_before_it(monkeypatch):
     C = _config(["aleatoric.start_iter=3"])
-    torch.manual_seed(0)
-    model = network_from_config(C).train()
-    calls = []
-    monkeypatch.setattr(AleatoricLoss, "forward", lambda self, *a, **k: calls.append(1) or
-                        torch.ones(()))
-    step = DUEBStep(model, C, batch_per_process=2)
+    step, calls = _step_counting_aleatoric(C, monkeypatch, torch.ones(()))
     batches = _batches(C)
     for it, n_calls in ((0, 0), (2, 0), (3, 4), (7, 8)):
         _, terms, _ = step(*batches, iteration=it)
