@@ -57,7 +57,7 @@ def normal_(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> tor
     n = x.numel()
     if x.device.type != "cpu" or n < MIN_PARALLEL or not x.is_contiguous():
         return x.normal_(generator=generator)
-    # 63-bit seeds from the caller's stream: one small draw advances it deterministically
+    # 62-bit seeds from the caller's stream: one small draw advances it deterministically
     seeds = torch.randint(0, 2 ** 62, (CHUNKS,), generator=generator, dtype=torch.int64).tolist()
     flat = x.view(-1)
     step = -(-n // CHUNKS)
