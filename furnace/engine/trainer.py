@@ -33,6 +33,7 @@ from ..data import TrainLoaders
 from ..data.demo import prepare_from_config
 from ..losses import (AleatoricLoss, CITYSCAPES_CLASS_WEIGHTS, OhemCrossEntropy, energy_term,
                       pseudo_labels, unsup_ce)
+from ..losses import noise as noise_fill
 from ..models import network_from_config, param_groups
 from . import checkpoint as ckpt_io
 from .dist import (DistInfo, average_gradients, broadcast_module, max_rank_divergence,
@@ -301,6 +302,13 @@ class _TrainLog:
             self.tb.close()
 
 
+def _noise_backend(step, device: torch.device) -> str:
+    """Which normal generator the aleatoric noise uses (the stream differs between them)."""
+    if not step.use_aleatoric:
+        return "unused"
+    return noise_fill.backend() if device.type == "cpu" else f"torch-{device.type}"
+
+
 def train(C: Config, info: DistInfo, resume: Optional[str] = None) -> Path:
     """Train the dual-branch network as configured; returns the snapshot folder.
 
@@ -373,7 +381,7 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
     log = _TrainLog(C, info.is_main)
     log.line(f"# DUEB {__version__}: aleatoric={step.use_aleatoric} energy={step.use_energy} "
              f"unsup={step.use_unsup} world_size={info.world_size} device={device} "
-             f"amp={C.amp} config={C.to_dict()}")
+             f"amp={C.amp} noise={_noise_backend(step, device)} config={C.to_dict()}")
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover

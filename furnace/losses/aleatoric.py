@@ -8,10 +8,10 @@ buffer, used and overwritten, and only one ``[B,C,H,W]`` gradient is kept for ba
 is O(1) in T (three ``[B,C,H,W]``-sized buffers instead of T + 1 graphs) and there is no
 second pass over the noise in backward.  The noise has the reference's distribution, drawn
 from torch's generator (reproducible under ``torch.manual_seed`` or a ``generator``), but not
-its stream: on CPU only the non-ignored pixels get noise.  On CPU the T normal draws
-themselves (mt19937 + Box-Muller inside ``normal_``) are the largest share of the time, for us
-and for the reference alike; large CPU fills go through :func:`furnace.losses.noise.normal_`,
-which spreads them over all threads (torch's ``normal_`` is single-threaded there).
+its stream: on CPU only the non-ignored pixels get noise.  On CPU the T normal draws are a
+large share of the time (for the reference, mt19937 + Box-Muller inside torch's ``normal_``,
+the largest); ours go through :func:`furnace.losses.noise.normal_`, a compiled, vectorised
+Box-Muller filled on all threads (torch's ``normal_`` where no C compiler is available).
 """
 from __future__ import annotations
 
@@ -305,12 +305,13 @@ class AleatoricLoss(nn.Module):
                 A = sum_{i in V} (1 + M_i) * l0_i / Nv + mean over all pixels of (exp(var) - 1)
 
     Random draws: the reference's ``Normal(0, sigma).sample((C,))`` is replaced by
-    ``sigma * eps`` with eps from ``normal_()`` on the logits' device (torch's generator: the
-    global one, or ``generator``; large CPU fills in fixed chunks with generators seeded from
-    it, see :mod:`furnace.losses.noise`), so runs are reproducible under ``torch.manual_seed``
-    whatever the thread count; the distribution is the reference's (i.i.d. N(0, sigma^2) per
-    class, pixel and sample), the stream is not: on CPU only non-ignored pixels are drawn
-    (their noise cannot affect the value or the gradient) and the layout differs.
+    ``sigma * eps`` with eps from :func:`furnace.losses.noise.normal_` on CPU (seeds drawn from
+    torch's generator: the global one, or ``generator``; the C backend or torch's ``normal_``,
+    see that module) and ``normal_()`` on other devices, so runs are reproducible under
+    ``torch.manual_seed`` whatever the thread count; the distribution is the reference's
+    (i.i.d. N(0, sigma^2) per class, pixel and sample), the stream is not: on CPU only
+    non-ignored pixels are drawn (their noise cannot affect the value or the gradient) and the
+    layout differs.
 
     Memory: the gradient w.r.t. the logits is accumulated in forward (closed form, see
     ``_MonteCarloCE``), so peak memory is three ``[B,C,H,W]``-sized buffers whatever T is (the

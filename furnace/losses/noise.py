@@ -1,34 +1,56 @@
-"""Standard normal fills that use every CPU thread.
+"""Standard normal fills for the aleatoric loss's Monte Carlo noise.
 
-torch's CPU ``normal_`` runs on one thread (one mt19937 stream under a lock), so for the
-aleatoric loss, which draws T x [C, valid pixels] normals per call, the draws become the
-largest serial share of the step once the arithmetic runs on several threads.  Here a large
-CPU tensor is cut into a fixed number of chunks, each chunk gets its own generator seeded from
-the caller's generator, and the chunks are filled concurrently (ATen releases the GIL).
+On CPU the T noise draws are the largest share of the aleatoric loss's time.  torch's CPU
+``normal_`` is scalar (mt19937 + Box-Muller) and runs on one thread, so large CPU fills go
+through :func:`normal_` here, which
 
-The result depends only on the caller's generator state, never on the thread count: the chunk
-layout and the seeds are the same whether the chunks run on 1 or 16 threads.  The numbers are
-i.i.d. N(0, 1) like ``normal_``'s, from a different stream.
+* cuts the tensor into ``CHUNKS`` fixed chunks, each with its own 62-bit seed drawn from the
+  caller's torch generator, and fills the chunks concurrently on up to
+  ``torch.get_num_threads()`` threads: the numbers depend on the generator state only, never on
+  the thread count;
+* fills each float32 chunk with a small C loop (``noise.c``: 16 xoshiro128++ streams and a
+  vectorised Box-Muller, about 5x faster than ``normal_`` on one core), compiled with the
+  system's C compiler on first use and cached (``FURNACE_CACHE_DIR``, default
+  ``~/.cache/furnace``).  Where no compiler is found, or for other dtypes, each chunk is a
+  ``normal_`` with its own ``torch.Generator`` (one warning says so).
+
+``FURNACE_NOISE`` chooses: ``auto`` (default; C if it builds, else torch), ``native`` (C, or an
+error saying why it cannot be built) or ``torch``.  Both backends draw i.i.d. N(0, 1) numbers;
+they are different streams, so a run is reproducible for a given seed and backend.
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import os
+import platform
+import shutil
+import subprocess
+import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["normal_", "CHUNKS", "MIN_PARALLEL"]
+__all__ = ["normal_", "backend", "CHUNKS", "MIN_PARALLEL"]
 
-#: chunks per fill (fixed, so results do not depend on the thread count)
+#: chunks per large fill (fixed, so results do not depend on the thread count)
 CHUNKS = 8
-#: below this many elements a fill is a plain ``normal_`` (thread hand-off costs ~0.1 ms)
+#: below this many elements a fill is one chunk on the calling thread (a hand-off costs ~0.1 ms)
 MIN_PARALLEL = 1 << 18
+
+_SOURCE = Path(__file__).with_name("noise.c")
+_VERSION = 1                      # furnace_normal_version() of the source this file expects
+_BASE_FLAGS = ["-O3", "-std=c99", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_key = None
-_pool_lock = threading.Lock()
+_lock = threading.Lock()
+_native: Optional[Callable] = None
+_native_tried = False
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
@@ -36,7 +58,7 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     a pool inherited through fork has no threads behind it)."""
     global _pool, _pool_key
     key = (os.getpid(), workers)
-    with _pool_lock:
+    with _lock:
         if _pool_key != key:
             if _pool is not None and _pool_key[0] == os.getpid():
                 _pool.shutdown(wait=False)
@@ -45,32 +67,167 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+# --------------------------------------------------------------------------- the C backend
+def _mode() -> str:
+    mode = os.environ.get("FURNACE_NOISE", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "native", "torch"):
+        raise ValueError(f"FURNACE_NOISE={mode!r}: expected 'auto', 'native' or 'torch'")
+    return mode
+
+
+def _cache_dir() -> Path:
+    """``FURNACE_CACHE_DIR``, else ``$XDG_CACHE_HOME/furnace`` or ``~/.cache/furnace``; a
+    per-user temporary folder when that cannot be created."""
+    if os.environ.get("FURNACE_CACHE_DIR"):
+        path = Path(os.environ["FURNACE_CACHE_DIR"])
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "furnace"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        path = Path(tempfile.gettempdir()) / f"furnace-{user}"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cpu_id() -> str:
+    """Identifies the CPU for the cache key (builds may use -march=native)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _compilers() -> list:
+    names = [os.environ.get("CC", "").split(" ")[0], "cc", "gcc", "clang"]
+    found = []
+    for name in names:
+        path = shutil.which(name) if name else None
+        if path and path not in found:
+            found.append(path)
+    return found
+
+
+def _build() -> Path:
+    """Compile noise.c into the cache (once per source, compiler and CPU); returns the path.
+
+    Raises RuntimeError with the compiler output when no compiler is found or none succeeds.
+    """
+    src = _SOURCE.read_bytes()
+    compilers = _compilers()
+    if not compilers:
+        raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
+    cache = _cache_dir()
+    errors = []
+    for cc in compilers:
+        for march in (["-march=native"], []):
+            flags = _BASE_FLAGS + march
+            key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(),
+                                             platform.machine().encode(),
+                                             _cpu_id().encode()])).hexdigest()[:16]
+            lib = cache / f"noise-{key}.so"
+            if lib.exists():
+                return lib
+            # compile to a private name, then rename: concurrent ranks never see half a file
+            tmp = cache / f".noise-{key}-{os.getpid()}-{threading.get_ident()}.so"
+            try:
+                r = subprocess.run([cc, *flags, "-o", str(tmp), str(_SOURCE)],
+                                   capture_output=True, text=True, timeout=120)
+                if r.returncode == 0 and tmp.exists():
+                    os.replace(tmp, lib)
+                    return lib
+                errors.append(f"{cc} {' '.join(flags)}: {r.stderr.strip()[-500:]}")
+            except (OSError, subprocess.SubprocessError) as e:
+                errors.append(f"{cc} {' '.join(flags)}: {e}")
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+    raise RuntimeError("could not compile " + str(_SOURCE) + ":\n" + "\n".join(errors))
+
+
+def _load() -> Callable:
+    """The C fill function ``fill(ptr, n, seed)``, built if needed (RuntimeError if not)."""
+    lib = ctypes.CDLL(str(_build()))           # ctypes releases the GIL during calls
+    if lib.furnace_normal_version() != _VERSION:
+        raise RuntimeError(f"{_SOURCE}: library version {lib.furnace_normal_version()}, "
+                           f"expected {_VERSION}")
+    fill = lib.furnace_normal_fill
+    fill.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64]
+    fill.restype = None
+    # cheap guard against a broken build: finite, roughly standard numbers
+    probe = torch.empty(4096)
+    fill(probe.data_ptr(), probe.numel(), 1)
+    if not (torch.isfinite(probe).all() and abs(probe.mean().item()) < 0.2
+            and 0.8 < probe.std().item() < 1.2):
+        raise RuntimeError(f"{_SOURCE}: the compiled fill gives implausible numbers")
+    return fill
+
+
+def _native_fill() -> Optional[Callable]:
+    """The C fill function, or None when ``FURNACE_NOISE=torch`` or it cannot be built."""
+    global _native, _native_tried
+    if _native_tried:
+        return _native
+    mode = _mode()
+    with _lock:
+        if not _native_tried:
+            if mode != "torch":
+                try:
+                    _native = _load()
+                except (OSError, RuntimeError) as e:
+                    if mode == "native":
+                        raise RuntimeError(f"FURNACE_NOISE=native: {e}\nInstall a C compiler "
+                                           "(gcc or clang) or set FURNACE_NOISE=auto.") from e
+                    warnings.warn(f"furnace.losses.noise: using torch's normal_ for the "
+                                  f"aleatoric noise (slower on CPU): {e}", RuntimeWarning,
+                                  stacklevel=3)
+            _native_tried = True
+    return _native
+
+
+def backend() -> str:
+    """``'native'`` when CPU float32 fills use the compiled C loop, else ``'torch'``."""
+    return "native" if _native_fill() is not None else "torch"
+
+
+# --------------------------------------------------------------------------- the fill
 def normal_(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Fill ``x`` in place with i.i.d. N(0, 1) numbers; returns ``x``.
 
-    CPU tensors of at least ``MIN_PARALLEL`` contiguous elements are filled in ``CHUNKS``
-    chunks with generators seeded from ``generator`` (default: torch's global CPU generator),
-    concurrently on up to ``torch.get_num_threads()`` threads; anything else is
-    ``x.normal_(generator=generator)``.  Reproducible under ``torch.manual_seed`` /
-    ``generator.manual_seed`` and independent of the thread count.
+    Contiguous CPU tensors take their numbers from seeds drawn from ``generator`` (default:
+    torch's global CPU generator): one chunk below ``MIN_PARALLEL`` elements, ``CHUNKS``
+    chunks (filled concurrently) above; float32 chunks use the C loop when it is available.
+    Other tensors (CUDA, strided) are ``x.normal_(generator=generator)``, as are small
+    non-float32 ones.  Reproducible under ``torch.manual_seed`` / ``generator.manual_seed`` and
+    independent of the thread count.
     """
     n = x.numel()
-    if x.device.type != "cpu" or n < MIN_PARALLEL or not x.is_contiguous():
+    if x.device.type != "cpu" or not x.is_contiguous() or n == 0:
         return x.normal_(generator=generator)
+    fast = _native_fill() if x.dtype == torch.float32 else None
+    if fast is None and n < MIN_PARALLEL:
+        return x.normal_(generator=generator)
+    chunks = CHUNKS if n >= MIN_PARALLEL else 1
     # 62-bit seeds from the caller's stream: one small draw advances it deterministically
-    seeds = torch.randint(0, 2 ** 62, (CHUNKS,), generator=generator, dtype=torch.int64).tolist()
+    seeds = torch.randint(0, 2 ** 62, (chunks,), generator=generator, dtype=torch.int64).tolist()
     flat = x.view(-1)
-    step = -(-n // CHUNKS)
+    step = -(-n // chunks)
 
     def fill(k: int) -> None:
-        g = torch.Generator()
-        g.manual_seed(seeds[k])
-        flat[k * step:(k + 1) * step].normal_(generator=g)
+        part = flat[k * step:(k + 1) * step]
+        if fast is not None:
+            fast(part.data_ptr(), part.numel(), seeds[k])
+        else:
+            part.normal_(generator=torch.Generator().manual_seed(seeds[k]))
 
-    workers = min(CHUNKS, torch.get_num_threads())
+    workers = min(chunks, torch.get_num_threads())
     if workers <= 1:
-        for k in range(CHUNKS):
+        for k in range(chunks):
             fill(k)
     else:
-        list(_executor(workers).map(fill, range(CHUNKS)))
+        list(_executor(workers).map(fill, range(chunks)))
     return x
