@@ -238,10 +238,21 @@ def test_broken_compiler_reports_its_output(fresh_backend, tmp_path):
     fake.chmod(0o755)
     fresh_backend.setenv("FURNACE_NOISE", "native")
     fresh_backend.setenv("FURNACE_CACHE_DIR", str(tmp_path / "cache"))
-    fresh_backend.setattr(noise, "_compilers", lambda: [str(fake)])
+    fresh_backend.setattr(noise, "_compilers", lambda: [[str(fake)]])
     with pytest.raises(RuntimeError, match="(?s)could not compile .*noise.c.*fakecc: cannot do that"):
         noise.backend()
     assert not any((tmp_path / "cache").iterdir())           # no partial library left behind
+
+
+def test_compiler_from_cc_keeps_its_arguments(monkeypatch, tmp_path):
+    fake = tmp_path / "wrapcc"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", f"{fake} --target=x")
+    monkeypatch.setenv("PATH", str(tmp_path))            # no cc, gcc or clang besides it
+    assert noise._compilers() == [[str(fake), "--target=x"]]
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert noise._compilers() == []
 
 
 @needs_native

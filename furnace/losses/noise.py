@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -103,12 +104,16 @@ def _cpu_id() -> str:
 
 
 def _compilers() -> list:
-    names = [os.environ.get("CC", "").split(" ")[0], "cc", "gcc", "clang"]
+    """Compiler commands to try, each a list of arguments: $CC (may carry arguments, e.g.
+    ``ccache gcc``), then cc, gcc and clang as found on PATH."""
     found = []
-    for name in names:
-        path = shutil.which(name) if name else None
-        if path and path not in found:
-            found.append(path)
+    cc_env = shlex.split(os.environ.get("CC", ""))
+    if cc_env and shutil.which(cc_env[0]):
+        found.append([shutil.which(cc_env[0]), *cc_env[1:]])
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path and [path] not in found:
+            found.append([path])
     return found
 
 
@@ -126,7 +131,8 @@ def _build() -> Path:
     for cc in compilers:
         for march in (["-march=native"], []):
             flags = _BASE_FLAGS + march
-            key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(),
+            cmd = " ".join(cc + flags)
+            key = hashlib.sha256(b"\0".join([src, cmd.encode(),
                                              platform.machine().encode(),
                                              _cpu_id().encode()])).hexdigest()[:16]
             lib = cache / f"noise-{key}.so"
@@ -135,14 +141,14 @@ def _build() -> Path:
             # compile to a private name, then rename: concurrent ranks never see half a file
             tmp = cache / f".noise-{key}-{os.getpid()}-{threading.get_ident()}.so"
             try:
-                r = subprocess.run([cc, *flags, "-o", str(tmp), str(_SOURCE)],
+                r = subprocess.run([*cc, *flags, "-o", str(tmp), str(_SOURCE)],
                                    capture_output=True, text=True, timeout=120)
                 if r.returncode == 0 and tmp.exists():
                     os.replace(tmp, lib)
                     return lib
-                errors.append(f"{cc} {' '.join(flags)}: {r.stderr.strip()[-500:]}")
+                errors.append(f"{cmd}: {r.stderr.strip()[-500:]}")
             except (OSError, subprocess.SubprocessError) as e:
-                errors.append(f"{cc} {' '.join(flags)}: {e}")
+                errors.append(f"{cmd}: {e}")
             finally:
                 if tmp.exists():
                     tmp.unlink()
