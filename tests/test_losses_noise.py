@@ -22,12 +22,6 @@ def fresh_backend(monkeypatch):
     return monkeypatch
 
 
-@pytest.fixture
-def torch_backend(fresh_backend):
-    fresh_backend.setenv("FURNACE_NOISE", "torch")
-    assert noise.backend() == "torch"
-
-
 def _fill(n, seed, threads, dtype=torch.float32):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

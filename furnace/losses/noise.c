@@ -122,6 +122,3 @@ void furnace_normal_fill(float *out, size_t n, uint64_t seed) {
         memcpy(out + done, blk, m * sizeof(float));
     }
 }
-
-/* ABI version checked by the loader (bump with any change to the stream) */
-int furnace_normal_version(void) { return 1; }

@@ -209,4 +209,3 @@ def network_from_config(C, pretrained: bool = True) -> "DualBranchNetwork":
                          C.pretrained_model if pretrained else None, stem=C.stem,
                          eval_branch=C.eval_branch, learn_variance=C.aleatoric.learn_variance,
                          pretrained_strict=C.pretrained_strict)
-
