@@ -125,6 +125,7 @@ def base_config() -> Config:
     C.backbone = "resnet50"
     C.stem = "deep"
     C.output_stride = 16
+    C.head_channels = 256                      # ASPP/decoder width (256 = reference)
     C.pretrained_model = data_root("pytorch-weight", "resnet50_v1c.pth")
     C.pretrained_strict = True
     C.bn_eps = 1e-5

@@ -204,6 +204,26 @@ def test_dual_resnet18_train_and_eval(tiny_dual):
     model.eval_branch = 1
 
 
+def test_head_channels_sets_decoder_width():
+    """head_channels narrows ASPP, decoder and both heads; 256 is the reference layout."""
+    torch.manual_seed(0)
+    narrow = build_network(5, "resnet18", head_channels=64)
+    ref = build_network(5, "resnet18")
+    sd = narrow.state_dict()
+    assert list(sd) == list(ref.state_dict())              # same keys, smaller shapes
+    assert sd["branch1.head.aspp.map_convs.0.weight"].shape == (64, 512, 1, 1)
+    assert sd["branch1.head.last_conv.3.weight"].shape == (64, 64, 3, 3)
+    assert sd["branch2.classifier.weight"].shape == (5, 64, 1, 1)
+    assert sd["branch2.variancelayer.weight"].shape == (1, 64, 1, 1)
+    assert ref.state_dict()["branch1.classifier.weight"].shape == (5, 256, 1, 1)
+    narrow.train()
+    feature, logits, var = narrow(torch.randn(2, 3, 32, 32), step=1)
+    assert feature.shape == (2, 64, 8, 8) and logits.shape == (2, 5, 32, 32)
+    n_narrow = sum(p.numel() for p in narrow.parameters())
+    n_ref = sum(p.numel() for p in ref.parameters())
+    assert n_narrow < n_ref
+
+
 def test_eval_branch1_does_not_run_branch2(tiny_dual):
     model = tiny_dual.eval()
     calls = []
@@ -237,6 +257,7 @@ def test_train_mode_needs_step(tiny_dual):
     (dict(eval_branch=3), "eval_branch must be one of 1, 2, 'mean'; got 3"),
     (dict(eval_branch="avg"), "eval_branch must be one of"),
     (dict(stem="wide"), "stem must be one of 'deep', 'classic'"),
+    (dict(head_channels=0), "head_channels must be a positive integer; got 0"),
 ])
 def test_build_network_validates_arguments(kwargs, match):
     kwargs = {"num_classes": 3, **kwargs}

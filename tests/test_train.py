@@ -1,4 +1,5 @@
 """Training engine: every script runs, loss = sum of public-API terms, switches, resume, NaN."""
+import re
 import runpy
 from pathlib import Path
 import sys
@@ -266,3 +267,19 @@ def test_streamed_backward_gives_the_same_gradients():
     for n, p in model.named_parameters():
         if n in whole:
             torch.testing.assert_close(p.grad, whole[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_progress_bar_text_fits_and_leads_with_progress():
+    """The bar shows iteration/total, it/s and ETA first, then the main losses, within 100
+    columns; the full reference line stays in the log file."""
+    from tqdm import tqdm
+    from furnace.engine.trainer import BAR_FORMAT, BAR_WIDTH, bar_text
+    values = {n: 123.456 for n in ("loss", "loss_sup", "loss_unsup", "loss_all",
+                                   "loss_all_unsup", "inter", "union", "sup_1", "sup_2")}
+    text = bar_text(9, 40, values)
+    assert text.startswith("epoch 10/40 loss=123.456 sup=123.456 unsup=123.456 al=123.456")
+    assert "inter" not in text and "sup_1" not in text
+    shown = tqdm.format_meter(1234, 5291, 700.0, ncols=BAR_WIDTH, prefix=text,
+                              bar_format=BAR_FORMAT)
+    assert len(shown) <= 100
+    assert re.match(r"1234/5291 +1\.76it/s ETA 38:21 epoch 10/40 loss=123\.456", shown), shown

@@ -245,6 +245,20 @@ def format_line(epoch: int, nepochs: int, idx: int, niters: int, lr: float,
     return " ".join(parts)
 
 
+# The progress bar's loss fields: (log name, short label), the first present of each group.
+BAR_FIELDS = (("loss", "loss"), ("loss_sup", "sup"), ("loss_unsup", "unsup"),
+              ("loss_all", "al"), ("loss_all_unsup", "al_u"))
+BAR_WIDTH = 100
+BAR_FORMAT = "{n_fmt}/{total_fmt} {rate_fmt} ETA {remaining} {desc}"
+
+
+def bar_text(epoch: int, nepochs: int, values: Dict[str, float]) -> str:
+    """The few main losses shown after the bar's iteration/total, it/s and ETA (the full
+    reference line goes to the log file only)."""
+    shown = " ".join(f"{short}={values[n]:.3f}" for n, short in BAR_FIELDS if n in values)
+    return f"epoch {epoch + 1}/{nepochs} {shown}"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -394,8 +408,9 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
             batches = loaders.epoch(epoch)
             bar = range(niters)
             if tqdm is not None and info.is_main:
-                bar = tqdm(bar, file=sys.stdout, dynamic_ncols=True, leave=False,
-                           bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+                # iteration/total, it/s and ETA first, then the losses; at most BAR_WIDTH
+                bar = tqdm(bar, file=sys.stdout, ncols=BAR_WIDTH, leave=False,
+                           bar_format=BAR_FORMAT)
             t0 = time.time()
             for idx in bar:
                 lab, u0, u1 = next(batches)
@@ -427,7 +442,7 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
                     line = format_line(epoch, C.nepochs, idx, niters, lr, values)
                     log.line(line)
                     if hasattr(bar, "set_description_str"):
-                        bar.set_description_str(line, refresh=False)
+                        bar.set_description_str(bar_text(epoch, C.nepochs, values), refresh=False)
                     log.scalars(values, lr, t_global)
                     if C.tb_images_every and t_global % C.tb_images_every == 0:
                         log.images(extras, C, t_global)

@@ -61,18 +61,23 @@ class SingleNetwork(nn.Module):
         pretrained_strict: see :func:`~furnace.models.load_backbone_weights`.
         init_head: run :meth:`init_head_weights` at the end of construction. The dual network
             passes False and initialises both branches after building both, as the reference.
+        head_channels: ASPP and decoder width (256 = reference); smaller widths make CPU-sized
+            runs (the demo) cheaper.
 
     ``forward(x)`` works in train and eval mode alike and returns ``(feature, logits, var)``:
-    x [B,3,H,W] -> feature [B,256,ceil(H/4),ceil(W/4)], logits [B,C,H,W] (unnormalised class
-    scores) and var [B,1,H,W] (softplus variance of the logits, >= 0).
+    x [B,3,H,W] -> feature [B,head_channels,ceil(H/4),ceil(W/4)], logits [B,C,H,W]
+    (unnormalised class scores) and var [B,1,H,W] (softplus variance of the logits, >= 0).
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet50", output_stride: int = 16,
                  *, stem: str = "deep", norm_layer=nn.BatchNorm2d, learn_variance: bool = False,
                  pretrained: Optional[PathLike] = None, pretrained_strict: bool = True,
-                 init_head: bool = True) -> None:
+                 init_head: bool = True, head_channels: int = 256) -> None:
         super().__init__()
         _check_arguments(num_classes, backbone, output_stride, stem)
+        if isinstance(head_channels, bool) or not isinstance(head_channels, int) \
+                or head_channels < 1:
+            raise ValueError(f"head_channels must be a positive integer; got {head_channels!r}")
         self.num_classes = num_classes
         self.backbone_name = backbone
         self.output_stride = output_stride
@@ -86,9 +91,9 @@ class SingleNetwork(nn.Module):
 
         low_channels, high_channels = self.backbone.out_channels[0], self.backbone.out_channels[-1]
         self.head = Head(high_channels, low_channels, ASPP_RATES[output_stride],
-                         norm_layer=norm_layer)
-        self.classifier = nn.Conv2d(256, num_classes, kernel_size=1, bias=True)
-        self.variancelayer = nn.Conv2d(256, 1, kernel_size=1, bias=True)
+                         channels=head_channels, norm_layer=norm_layer)
+        self.classifier = nn.Conv2d(head_channels, num_classes, kernel_size=1, bias=True)
+        self.variancelayer = nn.Conv2d(head_channels, 1, kernel_size=1, bias=True)
         self.softplus = nn.Softplus()  # beta 1, threshold 20, as the reference
         if init_head:
             self.init_head_weights()
@@ -110,7 +115,7 @@ class SingleNetwork(nn.Module):
         init_weights(self.business_layers)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B,3,H,W] -> (feature [B,256,H/4,W/4], logits [B,C,H,W], var [B,1,H,W])."""
+        """x [B,3,H,W] -> (feature [B,head_channels,H/4,W/4], logits [B,C,H,W], var [B,1,H,W])."""
         size = x.shape[-2:]
         feature = self.head(self.backbone(x))
         logits = self.classifier(feature)
@@ -169,7 +174,7 @@ class DualBranchNetwork(nn.Module):
 def build_network(num_classes: int, backbone: str = "resnet50", output_stride: int = 16,
                   pretrained: Optional[PathLike] = None, *, stem: str = "deep",
                   eval_branch: Union[int, str] = 1, learn_variance: bool = False,
-                  pretrained_strict: bool = True,
+                  pretrained_strict: bool = True, head_channels: int = 256,
                   norm_layer=nn.BatchNorm2d) -> DualBranchNetwork:
     """Build the DUEB dual-branch network.
 
@@ -182,6 +187,7 @@ def build_network(num_classes: int, backbone: str = "resnet50", output_stride: i
         eval_branch: what eval-mode ``model(x)`` returns: 1, 2 or ``'mean'``.
         learn_variance: initialise (and let :func:`param_groups` optimise) the variance head.
         pretrained_strict: False accepts a file covering only part of the backbone.
+        head_channels: ASPP and decoder width (256 = reference).
         norm_layer: normalisation layer for backbone and head (SyncBN is applied later by
             ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``).
 
@@ -192,7 +198,8 @@ def build_network(num_classes: int, backbone: str = "resnet50", output_stride: i
     _check_arguments(num_classes, backbone, output_stride, stem)
     _check_choice("eval_branch", eval_branch, EVAL_BRANCHES)
     kwargs = dict(stem=stem, norm_layer=norm_layer, learn_variance=learn_variance,
-                  pretrained=pretrained, pretrained_strict=pretrained_strict, init_head=False)
+                  pretrained=pretrained, pretrained_strict=pretrained_strict, init_head=False,
+                  head_channels=head_channels)
     branch1 = SingleNetwork(num_classes, backbone, output_stride, **kwargs)
     branch2 = SingleNetwork(num_classes, backbone, output_stride, **kwargs)
     branch1.init_head_weights()
@@ -203,9 +210,10 @@ def build_network(num_classes: int, backbone: str = "resnet50", output_stride: i
 def network_from_config(C, pretrained: bool = True) -> "DualBranchNetwork":
     """The dual-branch network an experiment config describes (keys ``num_classes``,
     ``backbone``, ``output_stride``, ``stem``, ``eval_branch``, ``aleatoric.learn_variance``,
-    ``pretrained_model``, ``pretrained_strict``). ``pretrained=False`` skips the ImageNet
+    ``pretrained_model``, ``pretrained_strict``, ``head_channels``). ``pretrained=False`` skips the ImageNet
     weights (evaluation loads a checkpoint over them anyway)."""
     return build_network(C.num_classes, C.backbone, C.output_stride,
                          C.pretrained_model if pretrained else None, stem=C.stem,
                          eval_branch=C.eval_branch, learn_variance=C.aleatoric.learn_variance,
-                         pretrained_strict=C.pretrained_strict)
+                         pretrained_strict=C.pretrained_strict,
+                         head_channels=C.head_channels)
