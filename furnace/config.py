@@ -18,6 +18,8 @@ import ast
 import copy
 import difflib
 import importlib.util
+import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -114,6 +116,7 @@ def base_config() -> Config:
     C.train_scale_array = [0.5, 0.75, 1, 1.5, 1.75, 2.0]
     C.num_workers = 4
     C.generate_demo_data = False               # True: generate the demo dataset if missing
+    C.allow_outside_root = False               # True: list entries may leave dataset_path
     # CutMix (REFERENCE 3.5)
     C.cutmix_mask_prop_range = [0.25, 0.5]
     C.cutmix_boxmask_n_boxes = 3
@@ -305,6 +308,10 @@ def finalize(C: Config, exp_dir: Optional[os.PathLike] = None) -> Config:
         raise ConfigError(f"config key 'class_names' has {len(C.class_names)} names but "
                           f"num_classes is {C.num_classes}; make them agree")
 
+    if not isinstance(C.dataset_path, str) or not C.dataset_path.strip():
+        # Path("") is the current folder: an empty value must not read data from there
+        raise ConfigError(f"config key 'dataset_path' is empty; set it to the dataset folder, "
+                          f"e.g. --set dataset_path=/data/pascal_voc (see DATA/README.md)")
     C.dataset_path = _unnest(C.dataset_path, C.eval_source)
     ratio = C.labeled_ratio
     if C.train_source is None:
@@ -333,10 +340,125 @@ def finalize(C: Config, exp_dir: Optional[os.PathLike] = None) -> Config:
         C.snapshot_dir = str(log_dir / "snapshot")
     C.tb_dir = str(log_dir / "tb")
     C.exp_time = time.strftime("%Y_%m_%d_%H_%M_%S", time.localtime())
-    C.train_log_file = str(log_dir / f"train_{C.exp_time}.log")
-    C.val_log_file = str(log_dir / f"val_{C.exp_time}.log")
+    # the time has 1 s resolution: the process id keeps two runs started together apart
+    C.train_log_file = str(log_dir / f"train_{C.exp_time}_{os.getpid()}.log")
+    C.val_log_file = str(log_dir / f"val_{C.exp_time}_{os.getpid()}.log")
     C.link_val_log_file = str(log_dir / "val_last.log")
+    validate(C)
     return C
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate(C: Config) -> None:
+    """Raise ConfigError for values that would fail later in the run (after hours of training,
+    or as a traceback): counts, rates, scale lists, paths. ``C`` is a finalised config."""
+    def fail(key: str, want: str, fix: str = "") -> None:
+        raise ConfigError(f"config key '{key}' must be {want}, got {_get(C, key)!r}"
+                          + (f"; {fix}" if fix else ""))
+
+    def integer(key: str, low: int, optional: bool = False, fix: str = "") -> None:
+        v = _get(C, key)
+        if v is _MISSING or (optional and v is None):
+            return
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            fail(key, f"an integer >= {low}" + (" or none" if optional else ""), fix)
+
+    def number(key: str, low: float, high: float = math.inf, low_open: bool = False,
+               fix: str = "") -> None:
+        v = _get(C, key)
+        if v is _MISSING:
+            return
+        ok = _is_number(v) and math.isfinite(v) and v <= high and (v > low if low_open
+                                                                    else v >= low)
+        if not ok:
+            rng = f"({low}" if low_open else f"[{low}"
+            fail(key, f"a finite number in {rng}, {high}]" if high < math.inf else
+                 f"a finite number {'>' if low_open else '>='} {low}", fix)
+
+    integer("snapshot_iter", 1, fix="1 saves after every epoch")
+    integer("debug", 0, fix="0 runs full epochs, N > 0 runs N iterations per epoch")
+    integer("num_workers", 0)
+    integer("image_height", 1)
+    integer("image_width", 1)
+    integer("eval_crop_size", 1)
+    integer("eval_batch_windows", 1)
+    integer("warm_up_epoch", 0)
+    integer("tb_images_every", 0)
+    integer("seed", 0)
+    integer("niters_per_epoch", 1)
+    integer("max_samples", 1)
+    integer("num_train_imgs", 1)
+    integer("num_unsup_imgs", 0)
+    integer("snapshot_from", -1_000_000_000)
+    integer("snapshot_keep", 1, optional=True, fix="none keeps every epoch file")
+    integer("stop_after_epoch", 0, optional=True)
+    integer("head_channels", 1)
+    integer("aleatoric.samples", 1)
+    integer("aleatoric.start_iter", 0)
+    number("lr", 0, low_open=True, fix="e.g. --set lr=0.005")
+    number("lr_power", 0)
+    number("momentum", 0, 1)
+    number("weight_decay", 0)
+    number("unsup_weight", 0)
+    number("bn_eps", 0, low_open=True)
+    number("bn_momentum", 0, 1)
+    number("ohem_thresh", 0, 1, low_open=True)
+    number("eval_stride_rate", 0, 1, low_open=True)
+    for group in ("aleatoric", "energy"):
+        for key in ("sup_weight", "unsup_weight"):
+            number(f"{group}.{key}", 0)
+    for key in ("eval_scale_array", "train_scale_array"):
+        v = C.get(key, [1])
+        if (not isinstance(v, (list, tuple)) or not v
+                or not all(_is_number(x) and math.isfinite(x) and x > 0 for x in v)):
+            fail(key, "a non-empty list of positive numbers", f"e.g. --set {key}=[1.0]")
+    for key in ("image_mean", "image_std"):
+        v = C.get(key, [0, 0, 1])
+        if (not isinstance(v, (list, tuple)) or len(v) != 3
+                or not all(_is_number(x) and math.isfinite(x) for x in v)
+                or (key == "image_std" and not all(x > 0 for x in v))):
+            fail(key, "3 finite numbers" + (" > 0" if key == "image_std" else ""))
+    v = C.get("cutmix_mask_prop_range", [0, 1])
+    if (not isinstance(v, (list, tuple)) or len(v) != 2
+            or not all(_is_number(x) and 0 <= x <= 1 for x in v) or v[0] > v[1]):
+        fail("cutmix_mask_prop_range", "[low, high] with 0 <= low <= high <= 1")
+    for key in ("eval_source", "split_dir", "log_dir"):
+        if key in C and (not isinstance(C[key], str) or not C[key].strip()):
+            fail(key, "a non-empty path")
+
+
+_MISSING = object()
+
+
+def _get(C: Config, key: str) -> Any:
+    """The value of a dotted key, or _MISSING (keys a config does not have are not checked)."""
+    node = C
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def engine_log_level(env: Optional[Mapping[str, str]] = None) -> int:
+    """The logging level named by ``ENGINE_LOGGING_LEVEL`` (a level name or number; default
+    INFO), or ConfigError naming the variable and the accepted values."""
+    env = os.environ if env is None else env
+    text = (env.get("ENGINE_LOGGING_LEVEL") or "INFO").strip()
+    if text.isdigit():
+        return int(text)
+    if text.upper() in _LEVELS:
+        return getattr(logging, text.upper())
+    raise ConfigError(f"ENGINE_LOGGING_LEVEL={text!r} is not a logging level; use one of "
+                      f"{', '.join(_LEVELS)} (or unset it)")
 
 
 def _unnest(path: str, probe: str) -> str:

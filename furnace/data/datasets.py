@@ -14,7 +14,10 @@ the reference's fresh randperm per item, QUIRK 25). An index may be an int or an
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
@@ -34,9 +37,56 @@ _LAYOUT_ALIASES = {"voc": "voc", "pascal_voc": "voc", "pascal": "voc", "demo": "
                    "city": "city", "cityscapes": "city"}
 
 
+logger = logging.getLogger("furnace.data")
+
+# The text PyTorch gives an error re-raised from a DataLoader worker: "Caught <Type> in
+# DataLoader worker process N.\nOriginal Traceback (most recent call last): ...".
+_WORKER_WRAPPED = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
 class DataError(ValueError):
     """Bad dataset input: missing/unreadable file, bad label values, size mismatch, empty list,
-    unusable batch settings. The message names the offending path or value and the fix."""
+    unusable batch settings. The message names the offending path or value and the fix.
+
+    Raised inside a DataLoader worker, PyTorch re-creates it in the main process with the
+    worker's whole traceback as the message; the constructor keeps only the original message
+    (one line for the user) and the worker note in ``worker_traceback``.
+    """
+
+    def __init__(self, *args):
+        self.worker_traceback = None
+        if len(args) == 1 and isinstance(args[0], str) and _WORKER_WRAPPED.match(args[0]):
+            self.worker_traceback = args[0]
+            args = (_original_message(args[0], type(self).__name__),)
+        super().__init__(*args)
+
+
+def _original_message(wrapped: str, type_name: str) -> str:
+    """The message of the last ``[module.]<type_name>: message`` line of a formatted traceback."""
+    matches = list(re.finditer(rf"(?m)^(?:[\w.]+\.)?{re.escape(type_name)}: ", wrapped))
+    if not matches:
+        return wrapped.splitlines()[0]
+    return wrapped[matches[-1].end():].strip()
+
+
+def _path_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be opened when it is not simply missing (symlink loop, broken link,
+    permission, a folder where a file is expected), or None."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is in a symlink loop (a link points back to itself or its folder); fix the link"
+        if os.path.islink(path):
+            return f"is a broken symlink (to {os.readlink(path)}); fix the link"
+        if e.errno == errno.EACCES:
+            return "cannot be accessed (permission denied); make it readable"
+        return None
+    if os.path.isdir(path) and not os.path.isfile(path):
+        return "is a folder, not a file"
+    if not os.access(path, os.R_OK):
+        return "is not readable (permission denied); make it readable"
+    return None
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -63,6 +113,9 @@ def read_list_file(path: str) -> List[Tuple[int, str]]:
     Tolerates CRLF line endings and a UTF-8 BOM. Raises DataError if the file is missing or
     holds no entries.
     """
+    problem = _path_problem(path)
+    if problem:
+        raise DataError(f"list file {path} {problem}")
     if not os.path.isfile(path):
         raise DataError(f"list file not found: {path} (check dataset_path and the *_source keys; "
                         f"relative list paths are taken relative to dataset_path)")
@@ -95,6 +148,9 @@ def check_root(root: str, layout: str) -> str:
         raise DataError("dataset_path is not set: point it at the dataset folder (see "
                         "DATA/README.md), e.g. --set dataset_path=/data/pascal_voc")
     root = os.path.expanduser(str(root))
+    problem = _path_problem(root)
+    if problem and problem != "is a folder, not a file":
+        raise DataError(f"dataset folder {root} {problem}")
     if not os.path.isdir(root):
         hint = ("train_aug/{image,label}/, val/{image,label}/, val.txt, subset_train_aug/"
                 if layout == "voc" else "images/, segmentation/, config_new/")
@@ -110,21 +166,89 @@ def _first_existing(candidates: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _join_entry(root: str, entry: str) -> List[str]:
+def _inside(root: str, path: str) -> bool:
+    """Whether ``path`` lies in the folder ``root`` (lexically, after normalising '..')."""
+    root = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.abspath(path))
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_inside(root: str, path: str, entry: str, where: str, allow_outside: bool) -> None:
+    """DataError unless ``path`` (built from list ``entry``) lies under the dataset ``root``:
+    a list must not make training read arbitrary files (``allow_outside_root`` lifts this)."""
+    if not allow_outside and not _inside(root, path):
+        raise DataError(f"list entry {where} {entry!r} points outside the dataset folder {root} "
+                        f"(to {os.path.normpath(path)}); fix the list, or set "
+                        f"allow_outside_root=true if that is intended")
+
+
+def _join_entry(root: str, entry: str, where: str = "",
+                allow_outside: bool = False) -> List[str]:
     """Candidate paths for a list entry: root-joined (a leading '/' means 'under the root', as in
-    the CPS lists), then the entry itself when it is an existing absolute path."""
+    the CPS lists), then the entry itself when it is an existing absolute path. Paths outside
+    the root raise DataError unless ``allow_outside``."""
     rel = entry.lstrip("/\\")
     cands = [os.path.normpath(os.path.join(root, rel))]
-    if os.path.isabs(entry):
+    check_inside(root, cands[0], entry, where, allow_outside)
+    if os.path.isabs(entry) and (allow_outside or _inside(root, entry)):
         cands.append(entry)
     return cands
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Whether JPEG bytes reach their end-of-image marker. OpenCV decodes a truncated JPEG
+    with the missing part grey (and only a libjpeg warning), so the structure is walked here:
+    marker segments are skipped by their length (an EXIF thumbnail's own end marker does not
+    count), entropy-coded data up to the next marker that is not a stuffed 0xFF00 or RSTn."""
+    n, i = len(data), 2
+    while i < n:
+        if data[i] != 0xFF:  # stray bytes between segments: libjpeg skips to the next marker
+            i = data.find(b"\xff", i)
+            if i < 0:
+                return False
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            return False
+        marker = data[i]
+        i += 1
+        if marker == 0xD9:
+            return True
+        if 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8):
+            continue
+        if i + 2 > n:
+            return False
+        i += int.from_bytes(data[i:i + 2], "big")
+        if marker == 0xDA:  # start of scan: entropy-coded data follows the header
+            while True:
+                j = data.find(b"\xff", i)
+                if j < 0 or j + 1 >= n:
+                    return False
+                nxt = data[j + 1]
+                if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:
+                    i = j + 2
+                elif nxt == 0xFF:
+                    i = j + 1
+                else:
+                    i = j
+                    break
+    return False
 
 
 def read_image(path: str, where: str = "") -> np.ndarray:
     """Read an image file as uint8 RGB [H, W, 3] (grey images are expanded to 3 channels)."""
     src = f" (listed in {where})" if where else ""
+    problem = _path_problem(path)
+    if problem:
+        raise DataError(f"image file {path}{src} {problem}")
     if not os.path.isfile(path):
         raise DataError(f"image file not found: {path}{src}; check dataset_path and the list file")
+    with open(path, "rb") as f:
+        head = f.read(2)
+        if head == b"\xff\xd8" and not _jpeg_complete(head + f.read()):
+            raise DataError(f"image {path}{src} is a truncated JPEG (it ends before its "
+                            f"end-of-image marker, so part of it would train as grey); "
+                            f"restore the file or remove its list line")
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         raise DataError(f"cannot read image {path}{src}: not a readable image (corrupt or "
@@ -139,6 +263,9 @@ def read_label(path: str, where: str = "") -> np.ndarray:
     values. Colour (RGB/RGBA) labels are rejected: convert them to index PNGs first.
     """
     src = f" (listed in {where})" if where else ""
+    problem = _path_problem(path)
+    if problem:
+        raise DataError(f"label file {path}{src} {problem}")
     if not os.path.isfile(path):
         raise DataError(f"label file not found: {path}{src}; check dataset_path and the list file")
     try:
@@ -181,6 +308,55 @@ def check_label_values(label: np.ndarray, num_classes: Optional[int], path: str,
         raise DataError(f"label {path}{src} has values {bad} outside [0, {num_classes}) and 255; "
                         f"check num_classes={num_classes} and that the label PNG stores class "
                         f"indices (255 = ignore)")
+
+
+# ----------------------------------------------------------------------------------- warnings
+
+_WARNED = set()  # (kind, list files): each warning is shown once per process
+
+
+def warn_once(key: Tuple, message: str) -> bool:
+    """Log ``message`` as a warning the first time ``key`` is seen; returns whether it did."""
+    if key in _WARNED:
+        return False
+    _WARNED.add(key)
+    logger.warning(message)
+    return True
+
+
+def _entry_key(e: "_Entry") -> str:
+    return os.path.normpath(e.img[0])
+
+
+def warn_duplicates(entries: Sequence["_Entry"], list_file: str) -> List[str]:
+    """Warn once per list file when it names the same image twice (an epoch then sees it
+    twice, and an eval list counts it twice in the mIoU). Returns the repeated image paths."""
+    seen, dups = {}, []
+    for e in entries:
+        k = _entry_key(e)
+        if k in seen:
+            dups.append((e.where, seen[k]))
+        else:
+            seen[k] = e.where
+    if dups:
+        warn_once(("duplicates", os.path.abspath(list_file)),
+                  f"{list_file} lists {len(dups)} image(s) more than once (e.g. "
+                  f"{dups[0][0]} repeats {dups[0][1]}); remove the repeated lines")
+    return [d[0] for d in dups]
+
+
+def warn_overlap(labeled: "SegmentationDataset", unlabeled: "SegmentationDataset") -> int:
+    """Warn once when images of the labelled list also appear in the unlabelled list (the
+    splits are meant to be disjoint). Returns the number of shared images."""
+    lab = {_entry_key(e): e.where for e in labeled.entries}
+    shared = [(e.where, lab[_entry_key(e)]) for e in unlabeled.entries if _entry_key(e) in lab]
+    if shared:
+        warn_once(("overlap", os.path.abspath(labeled.list_file),
+                   os.path.abspath(unlabeled.list_file)),
+                  f"{len(shared)} image(s) of the labelled list are also in the "
+                  f"unlabelled list (e.g. {shared[0][0]} is {shared[0][1]}); the splits should "
+                  f"not overlap (regenerate them with `python -m furnace.data.splits`)")
+    return len(shared)
 
 
 # ----------------------------------------------------------------------------------- datasets
@@ -228,6 +404,7 @@ class SegmentationDataset(Dataset):
             self.file_length = None  # eval datasets use the plain list
         self.seed = int(seed)
         self.stream = int(stream)
+        warn_duplicates(entries, list_file)
         if self.mode != "unlabeled":
             for e in entries:
                 if e.label is None and not getattr(self, "_labels_optional", False):
@@ -344,7 +521,7 @@ class VOCDataset(SegmentationDataset):
     def __init__(self, root: str, list_file: str, mode: str = "train",
                  num_classes: Optional[int] = 21, transform: Optional[TrainTransform] = None,
                  file_length: Optional[int] = None, seed: int = 0, stream: int = 0,
-                 folder: Optional[str] = None):
+                 folder: Optional[str] = None, allow_outside_root: bool = False):
         root = check_root(root, "voc")
         lines = read_list_file(list_file)
         folder = folder or voc_folder_for_list(list_file)
@@ -369,6 +546,8 @@ class VOCDataset(SegmentationDataset):
                 imgs = [os.path.join(fdir, "image", name + ".jpg"),
                         os.path.join(fdir, "image", name + ".png")]
                 label = [os.path.join(fdir, "label", name + ".png")]
+            # an id such as ../../x would read outside the dataset folder
+            check_inside(root, imgs[0], name, where, allow_outside_root)
             if "./" in line:
                 if len(cols) < 2 or not cols[1].strip():
                     raise DataError(f"list entry {where} contains './' (pseudo-label list) but "
@@ -394,7 +573,8 @@ class CityscapesDataset(SegmentationDataset):
 
     def __init__(self, root: str, list_file: str, mode: str = "train",
                  num_classes: Optional[int] = 19, transform: Optional[TrainTransform] = None,
-                 file_length: Optional[int] = None, seed: int = 0, stream: int = 0):
+                 file_length: Optional[int] = None, seed: int = 0, stream: int = 0,
+                 allow_outside_root: bool = False):
         root = check_root(root, "city")
         lines = read_list_file(list_file)
         entries = []
@@ -406,8 +586,9 @@ class CityscapesDataset(SegmentationDataset):
             if len(cols) > 2:
                 raise DataError(f"list entry {where} has {len(cols)} columns; expected "
                                 f"'<image path><TAB><label path>'")
-            imgs = _join_entry(root, cols[0])
-            label = _join_entry(root, cols[1]) if len(cols) > 1 else None
+            imgs = _join_entry(root, cols[0], where, allow_outside_root)
+            label = (_join_entry(root, cols[1], where, allow_outside_root)
+                     if len(cols) > 1 else None)
             fn = os.path.splitext(os.path.basename(cols[1] if len(cols) > 1 else cols[0]))[0]
             entries.append(_Entry(fn, imgs, label, where))
         super().__init__(entries, list_file, mode, num_classes, transform, file_length, seed,
@@ -420,12 +601,14 @@ class CityscapesDataset(SegmentationDataset):
 def build_dataset(dataset: str, root: str, list_file: str, mode: str,
                   num_classes: Optional[int] = None, transform: Optional[TrainTransform] = None,
                   file_length: Optional[int] = None, seed: int = 0,
-                  stream: int = 0) -> SegmentationDataset:
-    """Dataset of layout `dataset` ('voc' | 'city'); arguments as in SegmentationDataset."""
+                  stream: int = 0, allow_outside_root: bool = False) -> SegmentationDataset:
+    """Dataset of layout `dataset` ('voc' | 'city'); arguments as in SegmentationDataset;
+    ``allow_outside_root``: accept list entries that point outside `root`."""
     layout = canonical_layout(dataset)
     cls = VOCDataset if layout == "voc" else CityscapesDataset
     return cls(root, list_file, mode=mode, num_classes=num_classes, transform=transform,
-               file_length=file_length, seed=seed, stream=stream)
+               file_length=file_length, seed=seed, stream=stream,
+               allow_outside_root=allow_outside_root)
 
 
 def _cfg(C, key, default=None):
@@ -458,7 +641,8 @@ def build_train_dataset(C, mode: str = "train", stream: int = 0,
     return build_dataset(_cfg(C, "dataset", "voc"), root, src, mode,
                          num_classes=_cfg(C, "num_classes"),
                          transform=train_transform_from_config(C),
-                         file_length=file_length, seed=int(_cfg(C, "seed", 0)), stream=stream)
+                         file_length=file_length, seed=int(_cfg(C, "seed", 0)), stream=stream,
+                         allow_outside_root=bool(_cfg(C, "allow_outside_root", False)))
 
 
 def build_eval_dataset(C, source: Optional[str] = None) -> SegmentationDataset:
@@ -468,7 +652,8 @@ def build_eval_dataset(C, source: Optional[str] = None) -> SegmentationDataset:
     src = resolve_source(root, source if source is not None else _cfg(C, "eval_source"),
                          "eval_source")
     return build_dataset(_cfg(C, "dataset", "voc"), root, src, "eval",
-                         num_classes=_cfg(C, "num_classes"))
+                         num_classes=_cfg(C, "num_classes"),
+                         allow_outside_root=bool(_cfg(C, "allow_outside_root", False)))
 
 
 def count_list_entries(path: str) -> int:

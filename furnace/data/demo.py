@@ -196,13 +196,14 @@ def is_complete(root, seed: int = 0, n_train: int = 1000, n_val: int = 200,
         return False
 
 
-def _looks_like_demo(root: Path) -> bool:
-    """Only folders this module wrote may be replaced (never a user's data folder)."""
-    if not root.exists():
+def _may_replace(root: Path) -> bool:
+    """Only a folder this module wrote (it holds the stamp file) or an empty one may be
+    replaced: a user's data folder in the VOC layout must never be deleted."""
+    if not root.exists() and not root.is_symlink():
         return True
-    names = {p.name for p in root.iterdir()}
-    ours = {"train_aug", "val", "train_aug.txt", "val.txt", "subset_train_aug", STAMP_NAME}
-    return names <= ours
+    if not root.is_dir():
+        return False
+    return (root / STAMP_NAME).is_file() or not any(root.iterdir())
 
 
 def generate(root=None, n_train: int = 1000, n_val: int = 200, size: int = 128, seed: int = 0,
@@ -219,9 +220,11 @@ def generate(root=None, n_train: int = 1000, n_val: int = 200, size: int = 128, 
     t0 = time.perf_counter()
     root = Path(root) if root is not None else DEFAULT_ROOT
     root = root.expanduser().absolute()
-    if not _looks_like_demo(root):
-        raise DataError(f"{root} exists and does not look like a demo dataset; remove it or pass "
-                        f"another --root")
+    if not _may_replace(root):
+        what = "is not a folder" if root.exists() and not root.is_dir() else \
+            f"holds files the demo generator did not write (no {STAMP_NAME})"
+        raise DataError(f"demo data root {root} {what}; refusing to replace it. Pass another "
+                        f"--root (or dataset_path), or empty that folder yourself")
     if n_train < 2 or n_val < 1:
         raise DataError(f"demo needs n_train >= 2 and n_val >= 1, got {n_train}, {n_val}")
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +261,10 @@ def generate(root=None, n_train: int = 1000, n_val: int = 200, size: int = 128, 
     (tmp / STAMP_NAME).write_text(json.dumps(_stamp(seed, n_train, n_val, size), indent=1))
     # swap into place; another process may have finished first, which is fine
     if root.exists():
+        if not _may_replace(root):  # checked again: files may have arrived meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"demo data root {root} received other files while generating; "
+                            f"refusing to replace it (the new data was discarded)")
         shutil.rmtree(root)
     try:
         os.rename(tmp, root)

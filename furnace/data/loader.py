@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .cutmix import MaskCollate, mask_generator_from_config, seg_collate
-from .datasets import DataError, _cfg, build_train_dataset
+from .datasets import DataError, _cfg, build_train_dataset, warn_overlap
 
 # Seed offsets between the three samplers; large so that (seed + offset + epoch) of one loader
 # does not reproduce another loader's order one epoch later (DistributedSampler seeds with
@@ -114,6 +114,7 @@ class TrainLoaders:
         probe = build_train_dataset(C, "train", stream=0, file_length=1)
         uprobe = build_train_dataset(C, "unlabeled", stream=1, file_length=1)
         self.n_labeled, self.n_unlabeled = probe.n, uprobe.n
+        warn_overlap(probe, uprobe)
         if int(_cfg(C, "batch_size", 2)) > self.n_labeled:
             raise DataError(f"batch_size={_cfg(C, 'batch_size')} is larger than the labelled set "
                             f"({self.n_labeled} entries in {probe.list_file}); lower batch_size "

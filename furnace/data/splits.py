@@ -84,14 +84,31 @@ def write_splits(full_list: str, out_dir: str, ratios: Sequence[int] = (2, 4, 8,
         raise DataError(f"--layout must be 'voc' or 'city', got {layout!r}")
     _check_layout(lines, layout, full_list)
     splits = make_splits(lines, ratios, seed)
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir} is a file; it must name a folder for the split lists "
+                        f"(e.g. subset_train_aug)")
+    outputs = [os.path.join(out_dir, name) for r in splits for name in split_file_names(r)]
+    for p in outputs:
+        # the input would be truncated by the first write, losing the full list
+        if os.path.exists(p) and os.path.samefile(p, full_list):
+            raise DataError(f"--full {full_list} is one of the files --out {out_dir} would "
+                            f"write ({os.path.basename(p)}); refusing to overwrite the input. "
+                            f"Copy the full list elsewhere or choose another --out")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create --out folder {out_dir}: {e.strerror}; choose a "
+                        f"writable folder") from e
     paths = {}
     for r, (lab, unlab) in splits.items():
         ln, un = split_file_names(r)
         pl, pu = os.path.join(out_dir, ln), os.path.join(out_dir, un)
         for p, part in ((pl, lab), (pu, unlab)):
-            with open(p, "w", encoding="utf-8", newline="\n") as f:
-                f.write("".join(x + "\n" for x in part))
+            try:
+                with open(p, "w", encoding="utf-8", newline="\n") as f:
+                    f.write("".join(x + "\n" for x in part))
+            except OSError as e:
+                raise DataError(f"cannot write split list {p}: {e.strerror}") from e
         paths[r] = (pl, pu)
     return paths
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import ConfigError, add_config_arguments, load_config
+from ..config import ConfigError, add_config_arguments, engine_log_level, load_config
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -51,15 +51,15 @@ def train_main(exp_dir: str, *, aleatoric: bool, energy: bool, supervised_only: 
     from .trainer import NonFiniteLossError, train
 
     args = build_parser(description).parse_args(argv)
-    logging.basicConfig(level=os.environ.get("ENGINE_LOGGING_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     preset = [f"aleatoric.enabled={aleatoric}", f"energy.enabled={energy}",
               f"supervised_only={supervised_only}"]
     os.environ.setdefault("MASTER_PORT", str(args.port))
     try:
-        C = load_config(exp_dir, args.overrides, preset=preset)
-        if args.debug:
-            C.debug = args.debug
+        logging.basicConfig(level=engine_log_level(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # --debug goes through the config so that it is validated with the other values
+        debug = [f"debug={args.debug}"] if args.debug else []
+        C = load_config(exp_dir, args.overrides + debug, preset=preset)
         resume = resolve_resume(args.continue_fpath, C.snapshot_dir)
         info = setup(args.devices, args.local_rank)
         try:

@@ -5,6 +5,7 @@ All losses run on CPU and CUDA, take float32/bf16/fp16 (computed in float32) or 
 (kept in float64) scores, and reproduce the reference values and gradients by default.
 """
 from .aleatoric import AleatoricLoss
+from .ce import SupervisedCrossEntropy
 from .energy import energy_term
 from .ohem import CITYSCAPES_CLASS_WEIGHTS, OhemCrossEntropy, cross_entropy
 from .pseudo import PseudoLabels, label_and_confidence, pseudo_labels, unsup_ce
@@ -15,6 +16,7 @@ __all__ = [
     "OhemCrossEntropy",
     "CITYSCAPES_CLASS_WEIGHTS",
     "cross_entropy",
+    "SupervisedCrossEntropy",
     "PseudoLabels",
     "pseudo_labels",
     "unsup_ce",
