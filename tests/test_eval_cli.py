@@ -155,17 +155,17 @@ def test_range_save_images_and_val_log(voc_exp, first_run):
     assert text.count("Model: ") == 2 and res[0]["text"] in text
     assert text.startswith(f"Model: {snap / 'epoch-3.pth'}\n1 background\t")
 
-    # composites: input | prediction | ground truth | variance, true palette colours
+    # composites: input | prediction | ground truth | variance | errors, true palette colours
     palette = get_palette("voc", 21)
     for name, (h, w) in zip(IDS, SIZES):
         path = exp / "log" / "pred_imgs" / "epoch-3" / f"{name}.png"
         comp = cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1]
-        assert comp.shape == (h, 4 * w + 3 * BAR_WIDTH, 3)
+        assert comp.shape == (h, 5 * w + 4 * BAR_WIDTH, 3)
         img = cv2.imread(str(voc_exp["root"] / "val" / "image" / f"{name}.png"))[:, :, ::-1]
         label = cv2.imread(str(voc_exp["root"] / "val" / "label" / f"{name}.png"),
                            cv2.IMREAD_GRAYSCALE)
-        panels = [comp[:, k * (w + BAR_WIDTH): k * (w + BAR_WIDTH) + w] for k in range(4)]
-        bars = [comp[:, k * (w + BAR_WIDTH) + w: (k + 1) * (w + BAR_WIDTH)] for k in range(3)]
+        panels = [comp[:, k * (w + BAR_WIDTH): k * (w + BAR_WIDTH) + w] for k in range(5)]
+        bars = [comp[:, k * (w + BAR_WIDTH) + w: (k + 1) * (w + BAR_WIDTH)] for k in range(4)]
         assert all((b == 0).all() for b in bars)
         np.testing.assert_array_equal(panels[0], img)
         np.testing.assert_array_equal(panels[2], colorize(label, palette))
@@ -176,6 +176,12 @@ def test_range_save_images_and_val_log(voc_exp, first_run):
         assert {tuple(c) for c in pred_px} <= allowed
         assert (panels[1][label == 255] == 255).all()
         assert panels[3].std() >= 0 and panels[3].shape == (h, w, 3)
+        # error map: white where the prediction panel differs from the ground truth panel,
+        # black where it agrees, grey on ignored pixels
+        wrong = (panels[1] != panels[2]).any(2) & (label != 255)
+        assert (panels[4][label == 255] == 128).all()
+        assert (panels[4][wrong] == 255).all() and (panels[4][~wrong & (label != 255)] == 0).all()
+        assert wrong.any() and (~wrong & (label != 255)).any()
 
 
 

@@ -1,13 +1,16 @@
 """Command line of the experiment ``eval.py`` scripts (REFERENCE 1.7, 5).
 
     python eval.py [-e last|N|a-b|a-|file.pth] [-d cpu|0|0,1|0-3] [-v] [-s] [-p PATH]
-                   [--set key=value ...]
+                   [--uncertainty] [--set key=value ...]
 
 For every selected checkpoint: build the network, load the weights, evaluate the
 ``eval_source`` list (images split over the devices, one process per device), print
 ``Model: <path>`` and the result table, append both to ``val_log_file`` and point
 ``link_val_log_file`` (log/val_last.log) at it. ``-s`` saves composites (input | prediction |
-ground truth | variance) under ``-p`` (default ``<log_dir>/pred_imgs/<checkpoint stem>/``).
+ground truth | variance | errors) under ``-p`` (default ``<log_dir>/pred_imgs/<checkpoint
+stem>/``). ``--uncertainty`` adds the error-detection and calibration table
+(furnace/eval/uncertainty.py) to the output and the log, and writes the reliability diagram
+to ``<log_dir>/reliability/<checkpoint stem>.png``.
 Errors a user can fix are printed as one line (exit code 2).
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ from furnace.models import network_from_config
 from .evaluator import SegEvaluator
 from .metrics import ConfusionMatrix, compute_metrics, format_results
 from .snapshots import checkpoint_epoch, resolve_checkpoints
+from .uncertainty import UncertaintyMeter, format_uncertainty, save_reliability_diagram
 from .visualize import get_class_names, get_palette, make_composite, safe_name, save_rgb
 
 
@@ -122,19 +126,22 @@ def load_checkpoint(model: torch.nn.Module, path) -> Optional[int]:
 def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int], device: str,
                      save_dir: Optional[Path] = None,
                      on_image: Optional[Callable[[torch.Tensor], None]] = None,
-                     channels_last: bool = True) -> np.ndarray:
+                     channels_last: bool = True,
+                     uncertainty: Optional[UncertaintyMeter] = None) -> np.ndarray:
     """Evaluate ``dataset[i]`` for i in ``indices`` on ``device``; returns the hist [C, C].
 
     ``save_dir``: write composites there. ``on_image(hist_of_image)`` is called after each
     image (the per-image histogram stays on the device). ``channels_last`` converts the
-    model in place (faster convolutions).
+    model in place (faster convolutions). ``uncertainty``: a meter (on ``device``) that
+    every image is added to (both branches then run).
     """
     dev = torch.device(device)
     model.to(dev).eval()
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     evaluator = SegEvaluator.from_config(model, C, device=dev, with_var=save_dir is not None,
-                                         channels_last=channels_last)
+                                         channels_last=channels_last,
+                                         uncertainty=uncertainty is not None)
     cm = ConfusionMatrix(C.num_classes, dev)
     palette = get_palette(C.dataset, C.num_classes) if save_dir is not None else None
     workers = int(C.get("num_workers", 0)) if dev.type == "cuda" else 0
@@ -152,9 +159,15 @@ def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int],
         out = evaluator.predict(image)
         label_t = torch.from_numpy(np.asarray(label)).to(dev)
         hist = cm.update(out.pred, label_t)
+        if uncertainty is not None:
+            pair = out.branch_logits
+            uncertainty.update(out.logits, out.var, label_t,
+                               None if pair is None else pair[1], pred=out.pred,
+                               logits1=None if pair is None else pair[0])
         if save_dir is not None:
             comp = make_composite(image, out.pred.cpu().numpy(), label, palette,
-                                  None if out.var is None else out.var.cpu().numpy())
+                                  None if out.var is None else out.var.cpu().numpy(),
+                                  errors=True)
             save_rgb(save_dir / safe_name(item["fn"]), comp)
         if on_image is not None:
             on_image(hist)
@@ -162,28 +175,34 @@ def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int],
 
 
 def evaluate_model(model: torch.nn.Module, C, device: str = "cpu", dataset=None,
-                   channels_last: bool = False) -> Dict[str, object]:
+                   channels_last: bool = False, uncertainty: bool = False
+                   ) -> Dict[str, object]:
     """Evaluate ``model`` (in eval mode, on ``device``) on C.eval_source in this process.
 
     For validation inside training: no checkpoint, no logs, the model's memory format is left
     alone unless ``channels_last``. Returns :func:`compute_metrics` of the histogram plus
-    ``hist`` (int64 [C, C]).
+    ``hist`` (int64 [C, C]); with ``uncertainty`` also ``uncertainty``
+    (:meth:`UncertaintyMeter.compute`) and ``uncertainty_text`` (:func:`format_uncertainty`).
     """
     if dataset is None:
         dataset = build_eval_dataset(C)
+    meter = UncertaintyMeter(C.num_classes, device) if uncertainty else None
     was_training = model.training
     try:
         hist = evaluate_indices(model, C, dataset, range(len(dataset)), device,
-                                channels_last=channels_last)
+                                channels_last=channels_last, uncertainty=meter)
     finally:
         model.train(was_training)
     out = compute_metrics(hist)
     out["hist"] = hist
+    if meter is not None:
+        out["uncertainty"] = meter.compute()
+        out["uncertainty_text"] = format_uncertainty(out["uncertainty"])
     return out
 
 
 def _worker(rank: int, C, path: str, device: str, indices: range, save_dir, verbose: bool,
-            threads: int, model_factory, q) -> None:
+            threads: int, model_factory, q, uncertainty: bool = False) -> None:
     """Process body for one device: evaluate its shard, report per image and at the end."""
     try:
         torch.set_num_threads(max(1, threads))
@@ -196,9 +215,11 @@ def _worker(rank: int, C, path: str, device: str, indices: range, save_dir, verb
         def tick(hist):
             q.put(("image", rank, hist.cpu().numpy() if verbose else None))
 
+        meter = UncertaintyMeter(C.num_classes, device) if uncertainty else None
         hist = evaluate_indices(model, C, dataset, indices, device,
-                                Path(save_dir) if save_dir else None, tick)
-        q.put(("done", rank, (hist, epoch)))
+                                Path(save_dir) if save_dir else None, tick,
+                                uncertainty=meter)
+        q.put(("done", rank, (hist, epoch, meter.state() if meter is not None else None)))
     except BaseException as e:  # reported to the parent, which prints one line
         if not isinstance(e, (ValueError, OSError)):
             traceback.print_exc()
@@ -219,7 +240,8 @@ def _running_line(hist: np.ndarray) -> str:
 
 def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[Path] = None,
                         verbose: bool = False, model: Optional[torch.nn.Module] = None,
-                        dataset=None, model_factory: Callable = build_model
+                        dataset=None, model_factory: Callable = build_model,
+                        uncertainty: Optional[UncertaintyMeter] = None
                         ) -> Tuple[np.ndarray, Optional[int]]:
     """Confusion histogram [C, C] of checkpoint ``path`` over the eval list, and its epoch.
 
@@ -227,7 +249,8 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
     split); the first shard runs in this process on ``devices[0]`` (``model``/``dataset``
     reused when given), every other shard in a spawned process on its device, and the
     histograms are summed. ``model_factory(C)`` builds the network (a module-level function,
-    so that spawned processes can import it).
+    so that spawned processes can import it). ``uncertainty``: a meter (on ``devices[0]``)
+    that receives every image; the other processes' histograms are merged into it.
     """
     if dataset is None:
         dataset = build_eval_dataset(C)
@@ -250,7 +273,8 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
             p = ctx.Process(target=_worker, name=f"eval-{dev}-{rank}",
                             args=(rank, C, str(path), dev, idx,
                                   str(save_dir) if save_dir else None, verbose,
-                                  threads if dev == "cpu" else 1, model_factory, q))
+                                  threads if dev == "cpu" else 1, model_factory, q,
+                                  uncertainty is not None))
             p.start()
             procs.append((rank, p))
         for rank, dev in enumerate(devices):
@@ -271,6 +295,8 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
                 bar.write(f"[{bar.n}/{n}] {_running_line(running)}")
         elif kind == "done":
             hist[...] += payload[0]
+            if uncertainty is not None and payload[2] is not None:
+                uncertainty.merge(payload[2])
             pending.discard(rank)
         else:
             state["error"] = f"on {devices[rank]}: {payload}"
@@ -301,7 +327,8 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
         if procs and devices[0] == "cpu":
             torch.set_num_threads(threads)
         state["epoch"] = load_checkpoint(model, path)
-        hist += evaluate_indices(model, C, dataset, shards[0], devices[0], save_dir, tick)
+        hist += evaluate_indices(model, C, dataset, shards[0], devices[0], save_dir, tick,
+                                 uncertainty=uncertainty)
         if procs:
             drain(block=True)
     finally:
@@ -360,9 +387,14 @@ def build_parser(description: str = "Evaluate checkpoints on the validation list
                    help="show the running metric after every image")
     p.add_argument("-s", "--save-images", "--save_image", dest="save_images",
                    action="store_true",
-                   help="save composites: input | prediction | ground truth | variance")
+                   help="save composites: input | prediction | ground truth | variance | "
+                        "errors")
     p.add_argument("-p", "--save-path", "--save_path", dest="save_path", default=None,
                    help="folder for -s (default <log_dir>/pred_imgs/<checkpoint name>/)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also measure how well variance, entropy, 1-max softmax and branch "
+                        "disagreement find the wrong pixels (AUROC, AUPR) and the softmax "
+                        "calibration (ECE, reliability diagram); runs both branches")
     add_config_arguments(p)
     return p
 
@@ -370,13 +402,16 @@ def build_parser(description: str = "Evaluate checkpoints on the validation list
 def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
         verbose: bool = False, save_images: bool = False,
         save_path: Optional[str] = None,
-        model_factory: Callable = build_model) -> List[Dict[str, object]]:
+        model_factory: Callable = build_model,
+        uncertainty: bool = False) -> List[Dict[str, object]]:
     """Evaluate the checkpoints of ``epochs`` (see snapshots.resolve_checkpoints) under config C.
 
     Returns one dict per checkpoint: path, epoch, miou, miou_no_back, pixel_acc (fractions in
     [0, 1]), iou (list [C]), hist (int64 [C, C]), text (the result block) and save_dir.
     ``devices``: torch device strings (several: one process each, e.g. ['cpu', 'cpu']).
     ``model_factory(C)``: builds the network (default :func:`build_model`).
+    ``uncertainty``: add ``uncertainty`` (:meth:`UncertaintyMeter.compute`),
+    ``uncertainty_text`` and ``reliability_png`` to each dict, the table to the output and log.
     """
     devices = list(devices) if devices else parse_devices(None)
     paths = resolve_checkpoints(epochs, C.snapshot_dir)
@@ -396,20 +431,34 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
             else:  # -p PATH: PATH itself, or PATH/<checkpoint name> for several checkpoints
                 save_dir = Path(save_path) / path.stem if len(paths) > 1 else Path(save_path)
             save_dir.mkdir(parents=True, exist_ok=True)
+        meter = UncertaintyMeter(C.num_classes, devices[0]) if uncertainty else None
         hist, epoch = evaluate_checkpoint(C, path, devices, save_dir=save_dir,
                                           verbose=verbose, model=model, dataset=dataset,
-                                          model_factory=model_factory)
+                                          model_factory=model_factory, uncertainty=meter)
         m = compute_metrics(hist)
         text = format_results(m["iou"], m["miou"], m["miou_no_back"], m["pixel_acc"], names)
+        extra = {}
+        if meter is not None:
+            u = meter.compute()
+            png = Path(C.log_dir) / "reliability" / f"{path.stem}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            save_reliability_diagram(u, png, f"{path.name}: ECE {100 * u['ece']:.2f}%")
+            extra = {"uncertainty": u, "uncertainty_text": format_uncertainty(u),
+                     "reliability_png": str(png)}
+            text_log = f"{text}\n{extra['uncertainty_text']}"
+        else:
+            text_log = text
         print(f"Model: {path}")
-        print(text, flush=True)
+        print(text_log, flush=True)
+        if meter is not None:
+            print(f"reliability diagram: {extra['reliability_png']}", file=sys.stderr)
         print(f"evaluated {len(dataset)} images in {time.time() - start:.1f}s",
               file=sys.stderr)
-        append_val_log(C, f"Model: {path}\n{text}\n")
+        append_val_log(C, f"Model: {path}\n{text_log}\n")
         results.append({"path": str(path), "epoch": epoch, "miou": m["miou"],
                         "miou_no_back": m["miou_no_back"], "pixel_acc": m["pixel_acc"],
                         "iou": [float(v) for v in m["iou"]], "hist": hist, "text": text,
-                        "save_dir": str(save_dir) if save_dir else None})
+                        "save_dir": str(save_dir) if save_dir else None, **extra})
     return results
 
 
@@ -425,7 +474,8 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object
         C = load_config(exp_dir, args.overrides)
         devices = parse_devices(args.devices)
         return run(C, args.epochs, devices, verbose=args.verbose,
-                   save_images=args.save_images, save_path=args.save_path)
+                   save_images=args.save_images, save_path=args.save_path,
+                   uncertainty=args.uncertainty)
     except (ConfigError, DataError, CheckpointError, EvalError, FileNotFoundError,
             ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

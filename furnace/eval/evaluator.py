@@ -134,10 +134,17 @@ class Prediction:
         several, as the reference's accumulator).
     var: float32 [H, W] variance map of the evaluated branch averaged over windows (and flips
         and scales), or None when not requested or the model has no variance head.
+    logits: float32 [C, H, W] logits averaged over windows, flips and scales (the summed
+        ``score`` over-counts overlaps, QUIRK 31, which would sharpen the softmax), or None
+        unless the evaluator runs with ``uncertainty``.
+    branch_logits: float32 [2, C, H, W] the same average for branch 1 and branch 2 of a dual
+        network (``uncertainty`` only, else None).
     """
     pred: torch.Tensor
     score: torch.Tensor
     var: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    branch_logits: Optional[torch.Tensor] = None
 
 
 class SegEvaluator:
@@ -156,6 +163,9 @@ class SegEvaluator:
     channels_last: convert the model (in place) and the inputs to channels-last memory
         format, which runs the convolutions faster (about 1.4x for ResNet-50 on CPU); the
         logits can differ from the default layout in the last float32 bits.
+    uncertainty: also return the averaged logits, the variance map and, for a dual network,
+        both branches' averaged logits (see :class:`Prediction`); both branches then run
+        (about twice the time). ``pred`` and ``score`` are unchanged.
     """
 
     def __init__(self, model: torch.nn.Module, num_classes: int, *, crop_size: int,
@@ -164,7 +174,8 @@ class SegEvaluator:
                  std: Sequence[float] = (0.229, 0.224, 0.225), mode: str = "slide",
                  batch_windows: int = 4, device: Union[str, torch.device] = "cpu",
                  amp: str = "off", with_var: bool = False,
-                 branch: Union[int, str, None] = None, channels_last: bool = False):
+                 branch: Union[int, str, None] = None, channels_last: bool = False,
+                 uncertainty: bool = False):
         if mode not in ("slide", "whole"):
             raise ValueError(f"eval_mode must be 'slide' or 'whole', got {mode!r}")
         if not scales:
@@ -182,7 +193,9 @@ class SegEvaluator:
         self.device = torch.device(device)
         self.amp_dtype = resolve_amp(amp, self.device)
         self.branch = branch if branch is not None else getattr(model, "eval_branch", 1)
-        self.with_var = bool(with_var) and hasattr(model, "branch1")
+        self.uncertainty = bool(uncertainty)
+        self.with_var = (bool(with_var) or self.uncertainty) and hasattr(model, "branch1")
+        self.both_branches = self.uncertainty and self.with_var and hasattr(model, "branch2")
         self.lut = torch.from_numpy(normalization_lut(mean, std)).to(self.device)
         self.channels_last = bool(channels_last)
         if self.channels_last:
@@ -190,33 +203,41 @@ class SegEvaluator:
 
     @classmethod
     def from_config(cls, model: torch.nn.Module, C, device: Union[str, torch.device] = "cpu",
-                    with_var: bool = False, channels_last: bool = True) -> "SegEvaluator":
+                    with_var: bool = False, channels_last: bool = True,
+                    uncertainty: bool = False) -> "SegEvaluator":
         """Build from a furnace Config (eval_* keys, image_mean/std, amp, eval_branch)."""
         return cls(model, C.num_classes, crop_size=C.eval_crop_size,
                    stride_rate=C.eval_stride_rate, scales=C.eval_scale_array, flip=C.eval_flip,
                    mean=C.image_mean, std=C.image_std, mode=C.get("eval_mode", "slide"),
                    batch_windows=C.get("eval_batch_windows", 4), device=device,
                    amp=C.get("amp", "off"), with_var=with_var, branch=C.get("eval_branch", 1),
-                   channels_last=channels_last)
+                   channels_last=channels_last, uncertainty=uncertainty)
 
     # -- network calls -------------------------------------------------------------------
 
-    def _net(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Logits [B, C, h, w] and variance [B, h, w] (or None) for a normalised batch."""
+    def _net(self, x: torch.Tensor
+             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Logits [B, C, h, w], variance [B, h, w] (or None) and, with ``both_branches``,
+        both branches' logits [B, 2, C, h, w] (else None) for a normalised batch."""
         if not self.with_var:
-            return self.model(x), None
+            return self.model(x), None, None
         branches = (1, 2) if self.branch == "mean" else (int(self.branch),)
+        outs = {b: getattr(self.model, f"branch{b}")(x)
+                for b in ((1, 2) if self.both_branches else branches)}
         logits = var = None
         for b in branches:
-            _, lg, v = getattr(self.model, f"branch{b}")(x)
+            _, lg, v = outs[b]
             logits = lg if logits is None else logits + lg
             var = v if var is None else var + v
         if len(branches) > 1:
             logits, var = logits / len(branches), var / len(branches)
-        return logits, var[:, 0]
+        pair = torch.stack([outs[1][1], outs[2][1]], 1) if self.both_branches else None
+        return logits, var[:, 0], pair
 
-    def _forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Window scores (flip added) as float32 [B, C, h, w], and mean variance [B, h, w]."""
+    def _forward(self, x: torch.Tensor
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Window scores (flip added) as float32 [B, C, h, w], mean variance [B, h, w] and
+        the branch pair's scores (flip added) [B, 2, C, h, w] or None."""
         n = x.shape[0]
         if self.flip:  # one batched call for both orientations
             x = torch.cat([x, x.flip(-1)], dim=0)
@@ -225,17 +246,20 @@ class SegEvaluator:
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                else contextlib.nullcontext())
         with amp:
-            logits, var = self._net(x)
+            logits, var, pair = self._net(x)
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"the network returns {logits.shape[1]} classes but num_classes is "
                              f"{self.num_classes}")
         logits = logits.float()
         var = var.float() if var is not None else None
+        pair = pair.float() if pair is not None else None
         if self.flip:
             logits = logits[:n] + logits[n:].flip(-1)
             if var is not None:
                 var = (var[:n] + var[n:].flip(-1)) / 2
-        return logits, var
+            if pair is not None:
+                pair = pair[:n] + pair[n:].flip(-1)
+        return logits, var, pair
 
     # -- one scale ------------------------------------------------------------------------
 
@@ -251,11 +275,21 @@ class SegEvaluator:
         Returns the summed window logits float32 [C, h, w] (margins cropped off) and the
         window-averaged variance float32 [h, w] (or None).
         """
+        score, var, _, _ = self._scale_process(image)
+        return score, var
+
+    def _scale_process(self, image: torch.Tensor):
+        """:meth:`scale_process` plus, with ``uncertainty``, the number of forward passes
+        summed into each pixel's score (float32 [h, w]: windows x flips) and the branch
+        pair's summed scores [2, C, h, w] (or None)."""
         h, w = int(image.shape[0]), int(image.shape[1])
         x = self._normalize(image)
+        passes = 2.0 if self.flip else 1.0
         if self.mode == "whole":
-            score, var = self._forward(x[None])
-            return score[0], (var[0] if var is not None else None)
+            score, var, pair = self._forward(x[None])
+            count = torch.full((h, w), passes, device=self.device) if self.uncertainty else None
+            return (score[0], (var[0] if var is not None else None), count,
+                    (pair[0] if pair is not None else None))
 
         g = sliding_windows(h, w, self.crop, self.stride_rate)
         top, bottom, left, right = g.margin
@@ -268,25 +302,34 @@ class SegEvaluator:
         padded[:, top:top + h, left:left + w] = x
 
         acc = torch.zeros(self.num_classes, ph, pw, device=self.device)
-        var_acc = count = None
+        var_acc = count = pair_acc = None
+        if self.with_var or self.uncertainty:
+            count = torch.zeros(ph, pw, device=self.device)
         if self.with_var:
             var_acc = torch.zeros(ph, pw, device=self.device)
-            count = torch.zeros(ph, pw, device=self.device)
+        if self.both_branches:
+            pair_acc = torch.zeros(2, self.num_classes, ph, pw, device=self.device)
         step = self.batch_windows or len(g.windows)
         for start in range(0, len(g.windows), step):
             chunk = g.windows[start:start + step]
             batch = torch.stack([padded[:, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk])
-            scores, var = self._forward(batch)
+            scores, var, pair = self._forward(batch)
             # visiting order as the reference, so the float32 sums are bit-identical
             for i, (y0, y1, x0, x1) in enumerate(chunk):
                 acc[:, y0:y1, x0:x1] += scores[i]
+                if count is not None:
+                    count[y0:y1, x0:x1] += 1
                 if var is not None:
                     var_acc[y0:y1, x0:x1] += var[i]
-                    count[y0:y1, x0:x1] += 1
+                if pair is not None:
+                    pair_acc[:, :, y0:y1, x0:x1] += pair[i]
         y0, y1, x0, x1 = g.crop_back
         score = acc[:, y0:y1, x0:x1]
         var = (var_acc / count.clamp_min(1))[y0:y1, x0:x1] if var_acc is not None else None
-        return score, var
+        passes = (count[y0:y1, x0:x1] * (2.0 if self.flip else 1.0)
+                  if self.uncertainty else None)
+        pair = pair_acc[:, :, y0:y1, x0:x1] if pair_acc is not None else None
+        return score, var, passes, pair
 
     # -- one image ------------------------------------------------------------------------
 
@@ -297,12 +340,22 @@ class SegEvaluator:
             raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image.dtype} "
                              f"{tuple(image.shape)}")
         H, W = image.shape[:2]
-        total = var_total = None
+        total = var_total = mean_total = pair_total = None
         for s in self.scales:
             img_s = image if s == 1 else cv2.resize(image, None, fx=s, fy=s,
                                                     interpolation=cv2.INTER_LINEAR)
             img_t = torch.from_numpy(np.ascontiguousarray(img_s)).to(self.device)
-            score, var = self.scale_process(img_t)
+            score, var, passes, pair = self._scale_process(img_t)
+            if self.uncertainty:  # averages per scale, resized like the score
+                mean = score / passes
+                pair = pair / passes if pair is not None else None
+                if tuple(score.shape[1:]) != (H, W):
+                    mean = self._resize(mean, H, W)
+                    pair = (self._resize(pair.flatten(0, 1), H, W).view(2, -1, H, W)
+                            if pair is not None else None)
+                mean_total = mean if mean_total is None else mean_total + mean
+                if pair is not None:
+                    pair_total = pair if pair_total is None else pair_total + pair
             if tuple(score.shape[1:]) != (H, W):
                 score, var = self._resize_back(score, var, H, W)
             if len(self.scales) == 1:
@@ -313,8 +366,23 @@ class SegEvaluator:
                     var_total = var if var_total is None else var_total + var
         if var_total is not None and len(self.scales) > 1:
             var_total = var_total / len(self.scales)
+        if mean_total is not None and len(self.scales) > 1:
+            mean_total = mean_total / len(self.scales)
+            pair_total = pair_total / len(self.scales) if pair_total is not None else None
         pred = total.argmax(0)
-        return Prediction(pred=pred, score=total, var=var_total)
+        return Prediction(pred=pred, score=total, var=var_total, logits=mean_total,
+                          branch_logits=pair_total)
+
+    def _resize(self, t: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """cv2 bilinear float32 resize of [K, h, w] to [K, H, W] (channels in chunks of 512,
+        cv2's limit)."""
+        hwc = t.permute(1, 2, 0).float().cpu().numpy()
+        parts = []
+        for k in range(0, hwc.shape[2], 512):
+            out = cv2.resize(np.ascontiguousarray(hwc[:, :, k:k + 512]), (W, H),
+                             interpolation=cv2.INTER_LINEAR)
+            parts.append(out[:, :, None] if out.ndim == 2 else out)
+        return torch.from_numpy(np.concatenate(parts, 2)).to(self.device).permute(2, 0, 1)
 
     def _resize_back(self, score, var, H, W):
         """cv2 bilinear float32 resize of [C, h, w] (and [h, w]) to H x W, as the reference."""

@@ -2,7 +2,9 @@
 
 A composite is, left to right with 15-px black bars between: the input image, the prediction,
 the ground truth (both in the true class colours; pixels whose ground truth is 255 are white),
-and, when available, the variance map of the evaluated branch (JET colour map, blue = low).
+and, when available, the variance map of the evaluated branch (JET colour map, blue = low)
+and the error map (wrong pixels white, correct black, ignored grey), so the two can be
+compared side by side.
 Every dataset gets the same layout and the palette is not shifted or R/B-swapped.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 IGNORE_COLOR = (255, 255, 255)
+ERROR_COLORS = {"correct": (0, 0, 0), "wrong": (255, 255, 255), "ignored": (128, 128, 128)}
 BAR_WIDTH = 15
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -73,14 +76,28 @@ def variance_to_color(var: ArrayLike) -> np.ndarray:
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
+def error_to_color(pred: ArrayLike, label: ArrayLike, num_classes: int) -> np.ndarray:
+    """Error map uint8 RGB [H, W, 3] of pred vs label ([H, W] each): wrong pixels white,
+    correct black, pixels with a label outside [0, num_classes) (255) grey."""
+    pred, label = _numpy(pred).astype(np.int64), _numpy(label).astype(np.int64)
+    out = np.empty(label.shape + (3,), dtype=np.uint8)
+    valid = (label >= 0) & (label < num_classes)
+    out[:] = ERROR_COLORS["ignored"]
+    out[valid & (pred == label)] = ERROR_COLORS["correct"]
+    out[valid & (pred != label)] = ERROR_COLORS["wrong"]
+    return out
+
+
 def make_composite(image: np.ndarray, pred: ArrayLike, label: Optional[ArrayLike],
                    palette: np.ndarray, var: Optional[ArrayLike] = None,
-                   bar: int = BAR_WIDTH) -> np.ndarray:
-    """Side-by-side uint8 RGB [H, W_total, 3]: image | prediction | ground truth | variance.
+                   bar: int = BAR_WIDTH, errors: bool = False) -> np.ndarray:
+    """Side-by-side uint8 RGB [H, W_total, 3]: image | prediction | ground truth | variance
+    | errors.
 
     image: uint8 RGB [H, W, 3]; pred: [H, W] class ids; label: [H, W] (255 = ignore) or None
-    (no GT panel); var: float [H, W] or None (no variance panel). Panels are separated by
-    ``bar``-pixel black columns.
+    (no GT panel); var: float [H, W] or None (no variance panel); errors: add the error map
+    (:func:`error_to_color`, needs ``label``). Panels are separated by ``bar``-pixel black
+    columns.
     """
     h, w = image.shape[:2]
     label_np = _numpy(label) if label is not None else None
@@ -90,6 +107,8 @@ def make_composite(image: np.ndarray, pred: ArrayLike, label: Optional[ArrayLike
         panels.append(colorize(label_np, palette))
     if var is not None:
         panels.append(variance_to_color(var))
+    if errors and label_np is not None:
+        panels.append(error_to_color(pred, label_np, len(palette)))
     for p in panels:
         if p.shape[:2] != (h, w):
             raise ValueError(f"composite panels differ in size: {p.shape[:2]} vs {(h, w)}")
