@@ -71,14 +71,20 @@ def golden_net(golden_dir):
     return model, fill, data
 
 
+# golden/README.md section 2: float64 convolution kernels differ between CPU instruction sets
+# (AVX2, AVX-512) and train-mode BatchNorm over tiny maps amplifies that to ~5e-13 of a map's
+# maximum, so absolute tolerances scale with the map, never a fixed number.
+PROBE_RTOL, PROBE_ATOL_OF_MAX = 1e-10, 1e-11
+
+
 def _close_map(actual, data, name, probe_idx):
     g = data[name]
     a = actual.detach().numpy()
     assert a.shape == g.shape
-    tol = 1e-6 * np.abs(g).max()
-    assert np.abs(a - g.astype(np.float64)).max() <= tol, name
+    scale = np.abs(g).max()
+    assert np.abs(a - g.astype(np.float64)).max() <= 1e-6 * scale, name
     np.testing.assert_allclose(a.reshape(-1)[probe_idx], data[name + "__probe_f64"],
-                               rtol=1e-10, atol=1e-12, err_msg=name)
+                               rtol=PROBE_RTOL, atol=PROBE_ATOL_OF_MAX * scale, err_msg=name)
 
 
 def test_fill_matches_golden_sums(golden_net):
@@ -125,8 +131,9 @@ def test_golden_forward_train(golden_net, step):
     for name in data.files:
         if name.startswith(pre + "after__"):
             key = name[len(pre + "after__"):]
-            np.testing.assert_allclose(state[key].numpy(), data[name], rtol=1e-10, atol=1e-12,
-                                       err_msg=key)
+            want = data[name]
+            np.testing.assert_allclose(state[key].numpy(), want, rtol=PROBE_RTOL,
+                                       atol=PROBE_ATOL_OF_MAX * np.abs(want).max(), err_msg=key)
             checked += 1
     assert checked == 12
     other = "branch2." if step == 1 else "branch1."  # the other branch is untouched
