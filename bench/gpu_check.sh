@@ -18,7 +18,9 @@ section() {  # section <title> <timeout s> <command...>: run with a time limit, 
     log "== $title ($(date -u +%H:%M:%S), limit ${limit}s)"
     local t0=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$RES"
-    log "== $title: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
+    local rc=${PIPESTATUS[0]}
+    log "== $title: exit $rc after $((SECONDS - t0)) s"
+    return "$rc"
 }
 
 log "gpu_check $(git rev-parse --short HEAD 2>/dev/null) $(date -u +%Y-%m-%dT%H:%M:%SZ)"
