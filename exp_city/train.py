@@ -11,4 +11,4 @@ sys.path.insert(0, os.path.dirname(HERE))
 from furnace.engine.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":
-    train_main(HERE, aleatoric=True, energy=True, description=__doc__)
+    train_main(HERE, method="dueb", preset="full", description=__doc__)

@@ -7,4 +7,4 @@ sys.path.insert(0, os.path.dirname(HERE))
 from furnace.engine.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":
-    train_main(HERE, aleatoric=False, energy=False, description=__doc__)
+    train_main(HERE, method="dueb", preset="cpcl", description=__doc__)

@@ -147,7 +147,11 @@ def base_config() -> Config:
     C.aleatoric = Config(enabled=True, samples=10, learn_variance=False, per_pixel=False,
                          sup_weight=0.5, unsup_weight=1.0, start_iter=0)
     C.energy = Config(enabled=True, sup_weight=0.5, unsup_weight=1.0)
-    C.supervised_only = False                  # labelled data only (baseline, no unsup terms)
+    # the method the engine trains (furnace/methods/: dueb, supervised, ...); DUEB's options
+    # are C.dueb.aleatoric / C.dueb.energy, the same groups as the legacy C.aleatoric / C.energy
+    C.method = "dueb"
+    C.dueb = Config(aleatoric=C.aleatoric, energy=C.energy)
+    C.supervised_only = False                  # legacy: True selects method 'supervised'
     # optimisation
     C.seed = 12345
     C.lr = 0.005
@@ -167,6 +171,8 @@ def base_config() -> Config:
     C.snapshot_from = None                     # save after epochs > this (None: nepochs // 6)
     C.stop_after_epoch = None                  # end this run after that epoch (resume with -c)
     C.snapshot_keep = None                     # keep the last K epoch files (None: all)
+    C.snapshot_every_iters = 0                 # >0: also a resumable epoch-last.pth every N
+    C.eval_every = 0                           # >0: validate every N epochs, keep best.pth
     C.snapshot_dir = None                      # <log_dir>/snapshot
     C.log_dir = "log"                          # relative to the experiment folder
     C.tb_images_every = 200                    # iterations between tensorboard image dumps
@@ -398,6 +404,10 @@ def validate(C: Config) -> None:
     integer("snapshot_keep", 1, optional=True, fix="none keeps every epoch file")
     integer("stop_after_epoch", 0, optional=True)
     integer("head_channels", 1)
+    integer("snapshot_every_iters", 0, fix="0 saves only after epochs")
+    integer("eval_every", 0, fix="0 turns validation during training off")
+    if "method" in C and (not isinstance(C.method, str) or not C.method.strip()):
+        fail("method", "a method name", "e.g. dueb or supervised (furnace/methods/)")
     integer("aleatoric.samples", 1)
     integer("aleatoric.start_iter", 0)
     number("lr", 0, low_open=True, fix="e.g. --set lr=0.005")

@@ -1,13 +1,24 @@
-"""Checkpoints: atomic writes in the reference format, tolerant reads with clear errors.
+"""Checkpoints: atomic writes, safe reads (``weights_only=True``) with clear errors.
 
-Format (a dict, compatible with the reference code): ``model`` (the dual-branch state dict,
-keys ``branch1.*`` / ``branch2.*``), ``optimizer_1``, ``optimizer_2``, ``epoch``,
-``iteration``; we add ``config``, ``rng``, ``scaler`` and ``version``.
+Format 2 (a dict): ``format`` (2), ``method`` (its registry name), one entry per module and
+optimiser of the method under the method's keys (DUEB: ``model`` with ``branch1.*`` /
+``branch2.*``, ``optimizer_1``, ``optimizer_2``, the reference's keys, so reference
+checkpoints load here and ours there), ``epoch`` and ``iteration`` (the last completed ones),
+``global_iteration``, ``resume_at`` ([epoch, iteration] to continue from, mid-epoch for a
+preemption or ``snapshot_every_iters`` snapshot), ``extra`` (the method's own state),
+``best_miou``, ``config`` (plain dicts), ``rng`` (tensors and numbers only), ``scaler`` and
+``version``. Format 1 (no ``format`` key: the reference's and ours before) is read as DUEB,
+resuming at the start of the next epoch.
+
+Every file loads with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+containers only, so loading never runs code. Legacy pickles that need more (our format-1
+files stored NumPy RNG arrays) load only with ``trust_pickle=True`` (``--trust-pickle``).
 """
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -31,20 +42,28 @@ class CheckpointError(ValueError):
 def atomic_save(obj: Any, path: os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
 
-    A process killed mid-write leaves the previous file untouched (rename is atomic).
+    A process killed mid-write leaves the previous file untouched (rename is atomic). A failed
+    write (full disk, permissions) raises :class:`CheckpointError` naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint "
+            f"there (if any) is intact. Free space or fix permissions in {path.parent}") from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            if tmp.exists():
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def atomic_copy(src: os.PathLike, dst: os.PathLike) -> None:
@@ -54,14 +73,26 @@ def atomic_copy(src: os.PathLike, dst: os.PathLike) -> None:
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write checkpoint {dst}: {e.strerror or e}; the previous checkpoint there "
+            f"(if any) is intact. Free space or fix permissions in {dst.parent}") from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            if tmp.exists():
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def rng_state() -> Dict[str, Any]:
-    """The Python, NumPy, torch CPU and CUDA generator states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """The Python, NumPy, torch CPU and CUDA generator states, as tensors, numbers and lists
+    (types ``weights_only`` loading accepts)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                       "gauss": float(np_state[4])},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -69,8 +100,14 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state` (also the format-1 layout with a NumPy state tuple)."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    if isinstance(npst, Mapping):
+        npst = ("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"],
+                npst["has_gauss"], npst["gauss"])
+    np.random.set_state(npst)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -86,7 +123,7 @@ def save_checkpoint(snapshot_dir: os.PathLike, epoch: int, state: Dict[str, Any]
     snapshot_dir = Path(snapshot_dir)
     path = snapshot_dir / f"epoch-{epoch}.pth"
     atomic_save(state, path)
-    atomic_copy(path, snapshot_dir / "epoch-last.pth")
+    atomic_copy(path, snapshot_dir / LAST)
     if keep is not None and keep > 0:
         epochs = sorted(int(m.group(1)) for m in map(CHECKPOINT_RE.match, os.listdir(snapshot_dir))
                         if m)
@@ -95,19 +132,126 @@ def save_checkpoint(snapshot_dir: os.PathLike, epoch: int, state: Dict[str, Any]
     return path
 
 
+LAST = "epoch-last.pth"
+BEST = "best.pth"
+FORMAT = 2
+
+
+def save_snapshot(snapshot_dir: os.PathLike, state: Dict[str, Any]) -> Path:
+    """Write a resumable mid-epoch ``state`` as ``epoch-last.pth`` (atomically; epoch files
+    stay those of finished epochs). Returns the path."""
+    path = Path(snapshot_dir) / LAST
+    atomic_save(state, path)
+    return path
+
+
+def save_best(snapshot_dir: os.PathLike, state: Dict[str, Any]) -> Path:
+    """Write ``best.pth`` (the checkpoint with the best validation mIoU so far)."""
+    path = Path(snapshot_dir) / BEST
+    atomic_save(state, path)
+    return path
+
+
+def training_state(method, *, epoch: int, iteration: int, global_iteration: int,
+                   resume_at, config: Dict[str, Any], scaler=None,
+                   best_miou: Optional[float] = None, version: str = "") -> Dict[str, Any]:
+    """A format-2 checkpoint of ``method`` (see the module docstring)."""
+    state: Dict[str, Any] = {"format": FORMAT, "method": method.name}
+    for key, module in method.modules.items():
+        state[key] = module.state_dict()
+    for key, opt in method.optimizers.items():
+        state[key] = opt.state_dict()
+    state.update(epoch=int(epoch), iteration=int(iteration),
+                 global_iteration=int(global_iteration), resume_at=[int(x) for x in resume_at],
+                 extra=method.extra_state(), best_miou=best_miou, config=config,
+                 rng=rng_state(), version=version,
+                 scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled()
+                 else None)
+    return state
+
+
+def checkpoint_method(ckpt: Mapping[str, Any]) -> str:
+    """The method that wrote ``ckpt`` (format 1, the reference's and ours before: dueb)."""
+    return str(ckpt.get("method", "dueb")) if isinstance(ckpt, Mapping) else "dueb"
+
+
+def restore_training(method, ckpt: Mapping[str, Any], path: os.PathLike, scaler=None,
+                     niters: Optional[int] = None):
+    """Load modules, optimisers, method state and scaler of ``ckpt`` into ``method``.
+
+    Returns ``(epoch, iteration)`` to continue from. Raises :class:`CheckpointError` when the
+    file is another method's or holds no training state (a model-only file)."""
+    name = checkpoint_method(ckpt)
+    if name != method.name:
+        raise CheckpointError(f"-c {path}: the checkpoint was written by method '{name}' but "
+                              f"the config trains '{method.name}'; set method={name} or "
+                              "start without -c")
+    missing = [k for k in list(method.modules) + list(method.optimizers)
+               if not isinstance(ckpt, Mapping) or k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"-c {path}: the file holds no '{missing[0]}', so it is not a training checkpoint "
+            f"(model weights only?); -c resumes a run from its epoch-N.pth or epoch-last.pth. "
+            "To start from weights, set pretrained_model (backbone) or train without -c")
+    for key, module in method.modules.items():
+        load_model_weights(module, path, {"model": ckpt[key]})
+    for key, opt in method.optimizers.items():
+        try:
+            opt.load_state_dict(ckpt[key])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"-c {path}: '{key}' does not fit this configuration's "
+                                  f"optimiser ({e}); check learn_variance and the method") from e
+    method.load_extra_state(ckpt.get("extra") or {})
+    if scaler is not None and ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    if "resume_at" in ckpt:
+        epoch, idx = (int(x) for x in ckpt["resume_at"])
+        if niters is not None and idx >= niters:
+            epoch, idx = epoch + 1, 0
+        return epoch, idx
+    return int(ckpt["epoch"]) + 1, 0
+
+
 # ----------------------------------------------------------------------------- reading
 
-def load_file(path: os.PathLike) -> Dict[str, Any]:
-    """``torch.load`` on CPU with an error that names the file when it is missing or broken."""
+def _numpy_arrays_allowed():
+    """Allow plain NumPy arrays in safe loading (format-1 files store the NumPy RNG state as
+    one); they are data, rebuilt without running code. A no-op before torch 2.5."""
+    import contextlib
+    safe = getattr(torch.serialization, "safe_globals", None)
+    if safe is None:
+        return contextlib.nullcontext()
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy < 2
+        from numpy.core.multiarray import _reconstruct
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.float64, np.int64)]
+    return safe([_reconstruct, np.ndarray, np.dtype, *dtypes])
+
+
+def load_file(path: os.PathLike, trust_pickle: bool = False) -> Dict[str, Any]:
+    """``torch.load`` on CPU with ``weights_only=True`` (loading cannot run code); errors name
+    the file. ``trust_pickle``: full unpickling, for legacy files you trust only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        # Our checkpoints hold RNG states and the config, so full unpickling is needed;
-        # only load checkpoints you trust.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with _numpy_arrays_allowed():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle and "weights_only" in str(e):
+            what = re.search(r"GLOBAL ([\w.]+)", str(e))
+            raise CheckpointError(
+                f"checkpoint {path} stores Python objects that safe loading refuses"
+                + (f" ({what.group(1)})" if what else "") + "; if you made this file or trust "
+                "its source, rerun with --trust-pickle (loading it may run code)") from e
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. "
+                              "The file may be truncated; use another epoch.") from e
+    except Exception as e:  # truncated or foreign file
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}. "
                               "The file may be truncated; use another epoch.") from e
 
 

@@ -3,7 +3,10 @@
 Flags of the reference Engine: ``-c/--continue`` (a checkpoint path, or ``last``), ``-d``
 (device), ``--local_rank``/``--local-rank`` (torchrun passes ``LOCAL_RANK`` too), ``-p`` (port,
 used as MASTER_PORT when not set), ``--debug [N]`` (N iterations per epoch), plus
-``--set key=value ...``. Errors a user can fix are printed as one line (exit code 2).
+``--set key=value ...``, ``--print-config`` and ``--trust-pickle``. Errors a user can fix are
+printed as one line (exit code 2); a preemption signal saves a checkpoint and exits with
+128 + the signal number. Torch is imported only after the arguments are parsed, so ``--help``
+answers at once.
 """
 from __future__ import annotations
 
@@ -28,8 +31,48 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("-p", "--port", default="16001", help="MASTER_PORT if the launcher sets none")
     p.add_argument("--debug", type=int, nargs="?", const=10, default=0,
                    help="run only N (default 10) iterations per epoch")
-    add_config_arguments(p)
+    add_common_arguments(p)
     return p
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared, with the same meaning, by train.py and eval.py."""
+    add_config_arguments(p)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (after presets, environment and --set, "
+                        "with derived values) and exit")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load checkpoints with full unpickling: needed only for legacy files "
+                        "holding Python objects, and it can run code hidden in the file; use "
+                        "it only for files you made or trust")
+
+
+# Environment variables of the reference code (REFERENCE 1.5) and the keys they set.
+LEGACY_ENV = (("volna", "the data root (DATA/)"), ("snapshot_dir", "snapshot_dir"),
+              ("learning_rate", "lr"), ("batch_size", "batch_size"),
+              ("snapshot_iter", "snapshot_iter"), ("debug", "debug"))
+
+
+def log_legacy_env(env=None) -> None:
+    """One log line per legacy environment override in effect (they act silently otherwise)."""
+    env = os.environ if env is None else env
+    log = logging.getLogger("furnace.config")
+    for var, what in LEGACY_ENV:
+        if env.get(var):
+            log.warning("environment %s=%s sets %s (reference convention; --set wins)",
+                        var, env[var], what)
+
+
+def config_lines(C, prefix: str = "") -> list:
+    """``key = value`` lines of a config, nested groups as dotted keys, sorted."""
+    lines = []
+    for key in sorted(C):
+        value = C[key]
+        if isinstance(value, dict):
+            lines += config_lines(value, f"{prefix}{key}.")
+        else:
+            lines.append(f"{prefix}{key} = {value!r}")
+    return lines
 
 
 def resolve_resume(spec: Optional[str], snapshot_dir: str) -> Optional[str]:
@@ -42,30 +85,78 @@ def resolve_resume(spec: Optional[str], snapshot_dir: str) -> Optional[str]:
     return str(path)
 
 
-def train_main(exp_dir: str, *, aleatoric: bool, energy: bool, supervised_only: bool = False,
-               argv: Optional[Sequence[str]] = None, description: str = "DUEB training") -> int:
-    """Entry point of the experiment train scripts; returns 0 or exits with code 2."""
+def script_preset(method: Optional[str], preset: Optional[str], aleatoric: Optional[bool],
+                  energy: Optional[bool], supervised_only: Optional[bool]) -> list:
+    """The key=value strings a train script applies before the environment and --set.
+
+    ``method``/``preset``: a registered method and one of its presets. The legacy switches
+    (``aleatoric=``, ``energy=``, ``supervised_only=``) still work and map to DUEB's keys."""
+    from ..methods import get_method
+    out = []
+    if method is not None:
+        out.append(f"method={method}")
+        if preset is not None:
+            cls = get_method(method)
+            if preset not in cls.presets:
+                raise ConfigError(f"method '{method}' has no preset '{preset}'; known: "
+                                  f"{', '.join(sorted(cls.presets)) or 'none'}")
+            out += list(cls.presets[preset])
+    if aleatoric is not None:
+        out.append(f"dueb.aleatoric.enabled={aleatoric}")
+    if energy is not None:
+        out.append(f"dueb.energy.enabled={energy}")
+    if supervised_only is not None:
+        out.append(f"supervised_only={supervised_only}")
+    return out
+
+
+def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[str] = None,
+               aleatoric: Optional[bool] = None, energy: Optional[bool] = None,
+               supervised_only: Optional[bool] = None, argv: Optional[Sequence[str]] = None,
+               description: str = "training") -> int:
+    """Entry point of the experiment train scripts; returns 0 or exits (2: a user error,
+    128 + N: stopped by signal N after saving a resumable checkpoint).
+
+    ``method``/``preset`` choose a registered method and one of its presets (train.py:
+    ``method='dueb', preset='full'``); the legacy ``aleatoric=``/``energy=``/
+    ``supervised_only=`` switches of older scripts are still accepted.
+    """
+    args = build_parser(description).parse_args(argv)
+    if method is None and preset is None and aleatoric is None and energy is None:
+        method, preset = "dueb", "full"
+    elif method is None and (aleatoric is not None or energy is not None):
+        method = "dueb"
+    if supervised_only is None and method == "dueb":
+        supervised_only = False
+    os.environ.setdefault("MASTER_PORT", str(args.port))
+
     from ..data import DataError
     from .checkpoint import CheckpointError
     from .dist import cleanup, setup
-    from .trainer import NonFiniteLossError, train
-
-    args = build_parser(description).parse_args(argv)
-    preset = [f"aleatoric.enabled={aleatoric}", f"energy.enabled={energy}",
-              f"supervised_only={supervised_only}"]
-    os.environ.setdefault("MASTER_PORT", str(args.port))
+    from .trainer import NonFiniteLossError, TrainingInterrupted, train
     try:
         logging.basicConfig(level=engine_log_level(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log_legacy_env()
         # --debug goes through the config so that it is validated with the other values
         debug = [f"debug={args.debug}"] if args.debug else []
-        C = load_config(exp_dir, args.overrides + debug, preset=preset)
+        C = load_config(exp_dir, args.overrides + debug,
+                        preset=script_preset(method, preset, aleatoric, energy,
+                                             supervised_only))
+        if args.print_config:
+            from ..methods import method_name
+            print(f"# method: {method_name(C)}")
+            print("\n".join(config_lines(C)))
+            return 0
         resume = resolve_resume(args.continue_fpath, C.snapshot_dir)
         info = setup(args.devices, args.local_rank)
         try:
-            train(C, info, resume)
+            train(C, info, resume, trust_pickle=args.trust_pickle)
         finally:
             cleanup()
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError,
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,44 +1,40 @@
-"""The DUEB training step and loop.
+"""The training engine: one loop for every method of :mod:`furnace.methods`.
 
-One iteration follows the reference order exactly (REFERENCE 3.1): supervised passes of both
-branches, four no-grad teacher passes in train mode (b1(u0), b1(u1), b2(u0), b2(u1)), CutMix of
-the teacher logits, pseudo labels, two student passes on the mixed batch, then
-
-    loss = S1 + S2 + lambda (U_inter + U_union)
-         + 0.5 A(z1s) + 0.5 A(z2s) + A(z1u) + A(z2u)          (aleatoric switch)
-         + 0.5 E(z1s) + 0.5 E(z2s) + E(z1u) + E(z2u)          (energy switch)
-
-Both switches on is train.py, aleatoric only trainal.py, energy only traine.py, both off the
-CPCL baseline; ``supervised_only`` trains on labelled data alone. Switched-off terms are not
-computed at all.
+Per iteration: draw the batches of the streams the method declares, let the method compute
+its loss terms (it calls ``backward`` on them), check every term for NaN/inf, set the poly LR,
+average gradients across ranks, step every optimiser of the method, call its after-step hook,
+log. Around it: checkpoints (per the reference schedule, every ``snapshot_every_iters`` inside
+an epoch, and on SIGTERM/SIGINT/SIGUSR1), validation every ``eval_every`` epochs with
+``best.pth``, and the reason the run stopped, in the train log. The engine knows no method by
+name: the ``method`` config key picks one from the registry.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import __version__
 from ..config import Config
 from ..data import TrainLoaders
 from ..data.demo import prepare_from_config
-from ..losses import (AleatoricLoss, CITYSCAPES_CLASS_WEIGHTS, OhemCrossEntropy, energy_term,
-                      pseudo_labels, unsup_ce)
-from ..losses import noise as noise_fill
-from ..models import network_from_config, param_groups
+from ..methods import STREAMS, MethodContext, get_method, method_name
+from ..methods.dueb import DUEBStep, make_optimizer  # noqa: F401  (public names kept here)
 from . import checkpoint as ckpt_io
 from .dist import (DistInfo, average_gradients, broadcast_module, max_rank_divergence,
                    reduce_mean)
 from .lr import PolyLR, set_lr
+from .runlock import run_guard
+from .streams import epoch_batches
 from .syncbn import convert_sync_batchnorm
 
 logger = logging.getLogger("furnace.engine")
@@ -50,9 +46,13 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; training stops before the optimiser step."""
 
 
-# Log-line layout of REFERENCE 1.8, with balanced brackets.
-UNSUP_FIELDS = ("inter", "union", "predlog_unsup1", "predlog_unsup2")
-SUP_FIELDS = ("sup_1", "sup_2", "overlap", "predlog_sup1", "predlog_sup2")
+class TrainingInterrupted(Exception):
+    """A preemption signal stopped the run after saving a resumable checkpoint."""
+
+    def __init__(self, signame: str, signum: int, path: Optional[Path], where: str):
+        self.signame, self.signum, self.path = signame, signum, path
+        saved = f"saved {path}" if path else "no checkpoint written (not rank 0)"
+        super().__init__(f"interrupted by {signame} {where}; {saved}; resume with -c last")
 
 
 def amp_dtype(C: Config, device: torch.device) -> Optional[torch.dtype]:
@@ -63,165 +63,6 @@ def amp_dtype(C: Config, device: torch.device) -> Optional[torch.dtype]:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
-class DUEBStep:
-    """Computes the loss terms of one DUEB iteration.
-
-    ``model`` is the dual-branch network; batches are dicts of device tensors:
-    ``lab = {'data': [B,3,H,W] float, 'label': [B,H,W] int64}``,
-    ``u0 = {'data': [B,3,H,W], 'mask': [B,1,H,W] in {0,1}}``, ``u1 = {'data': [B,3,H,W]}``.
-    """
-
-    def __init__(self, model: torch.nn.Module, C: Config, batch_per_process: int,
-                 amp: Optional[torch.dtype] = None):
-        self.model = model
-        self.C = C
-        self.amp = amp
-        self.use_aleatoric = bool(C.aleatoric.enabled)
-        self.use_energy = bool(C.energy.enabled)
-        self.use_unsup = not C.supervised_only
-        if C.sup_loss == "ohem":
-            weight = CITYSCAPES_CLASS_WEIGHTS if C.ohem_class_weight else None
-            if weight is not None and len(weight) != C.num_classes:
-                raise ValueError(f"config ohem_class_weight=True uses the 19 Cityscapes class "
-                                 f"weights but num_classes is {C.num_classes}; set "
-                                 "ohem_class_weight=False")
-            # min_kept scales with the batch each process sees (50000 x B in the reference)
-            min_kept = C.ohem_min_kept * batch_per_process // C.batch_size
-            self.sup_criterion = OhemCrossEntropy(IGNORE, C.ohem_thresh, min_kept, weight)
-        else:
-            self.sup_criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
-        if self.use_aleatoric:
-            self.aleatoric = AleatoricLoss(C.aleatoric.samples, IGNORE,
-                                           learn_variance=C.aleatoric.learn_variance,
-                                           per_pixel=C.aleatoric.per_pixel)
-
-    def _autocast(self, device: torch.device):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.amp)
-
-    def forward(self, step: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B,C,H,W] and var [B,1,H,W] of branch ``step``; losses run in float32."""
-        with self._autocast(x.device):
-            _, logits, var = self.model(x, step=step)
-        return logits.float(), var.float()
-
-    def _teachers(self, u0: torch.Tensor, u1: torch.Tensor, mask: torch.Tensor):
-        """Mixed teacher logits of both branches (no grad, train mode as the reference)."""
-        mixed = []
-        with torch.no_grad():
-            if self.C.fuse_passes:
-                for k in (1, 2):
-                    z, _ = self.forward(k, torch.cat([u0, u1]))
-                    z0, z1 = z.chunk(2)
-                    mixed.append(z0 * (1 - mask) + z1 * mask)
-            else:
-                z10, _ = self.forward(1, u0)
-                z11, _ = self.forward(1, u1)
-                z20, _ = self.forward(2, u0)
-                z21, _ = self.forward(2, u1)
-                mixed = [z10 * (1 - mask) + z11 * mask, z20 * (1 - mask) + z21 * mask]
-        return mixed
-
-    def __call__(self, lab: Dict[str, torch.Tensor], u0: Optional[Dict[str, torch.Tensor]] = None,
-                 u1: Optional[Dict[str, torch.Tensor]] = None,
-                 backward: Optional[Callable[[torch.Tensor], None]] = None,
-                 iteration: Optional[int] = None):
-        """Returns ``(loss, terms, extras)``: the total loss, a dict of its (weighted
-        components') values as 0-d tensors, and tensors for visualisation.
-
-        ``backward``: if given, it is called on each branch's share of the loss as soon as that
-        share is complete: supervised branch 1, supervised branch 2, then (after the teachers)
-        student branch 1 and student branch 2. Passes, BatchNorm updates and random draws keep
-        the reference order and the gradients add up to those of the total loss, but only one
-        branch's graph is alive at a time, which lowers peak memory. ``loss`` is then detached.
-
-        ``iteration``: the global iteration (from 0); the aleatoric terms are left out before
-        ``C.aleatoric.start_iter`` (None: always in).
-        """
-        C = self.C
-        use_aleatoric = self.use_aleatoric and (
-            iteration is None or iteration >= int(C.aleatoric.start_iter))
-        imgs, gts = lab["data"], lab["label"]
-        terms: Dict[str, torch.Tensor] = {}
-        fused = C.fuse_passes and self.use_unsup
-        stream = backward is not None and not fused
-        parts = []
-
-        def add(partial: torch.Tensor) -> None:
-            if stream:
-                backward(partial)
-                partial = partial.detach()
-            parts.append(partial)
-
-        if self.use_unsup:
-            mask = u0["mask"]
-            mixed_in = u0["data"] * (1 - mask) + u1["data"] * mask
-        if fused:
-            t1, t2 = self._teachers(u0["data"], u1["data"], mask)
-            outs = {}
-            for k in (1, 2):
-                z, v = self.forward(k, torch.cat([imgs, mixed_in]))
-                outs[k] = (z.split(imgs.shape[0]), v.split(imgs.shape[0]))
-
-        # supervised terms, one branch at a time
-        al_sup, extras = [], {}
-        for k in (1, 2):
-            z, v = (outs[k][0][0], outs[k][1][0]) if fused else self.forward(k, imgs)
-            if k == 1:
-                extras = {"image": imgs, "label": gts, "logits": z.detach(), "var": v.detach()}
-            part = terms[f"sup_{k}"] = self.sup_criterion(z, gts)
-            if self.use_energy:
-                terms[f"predlog_sup{k}"] = energy_term(F.softmax(z, dim=1), gts, IGNORE)
-                part = part + C.energy.sup_weight * terms[f"predlog_sup{k}"]
-            if use_aleatoric:
-                al_sup.append(C.aleatoric.sup_weight * self.aleatoric(z, v, gts))
-                part = part + al_sup[-1]
-            add(part)
-        if use_aleatoric:
-            terms["loss_all"] = al_sup[0] + al_sup[1]
-
-        if self.use_unsup:
-            if not fused:
-                t1, t2 = self._teachers(u0["data"], u1["data"], mask)
-            pl = pseudo_labels(t1, t2, IGNORE)
-            al_unsup = []
-            # branch 1 learns the intersection labels, branch 2 the union labels
-            for k, name, label, weight in ((1, "inter", pl.inter, pl.weight_inter),
-                                           (2, "union", pl.union, pl.weight_union)):
-                z, v = (outs[k][0][1], outs[k][1][1]) if fused else self.forward(k, mixed_in)
-                terms[name] = unsup_ce(z, label, weight, IGNORE)
-                part = C.unsup_weight * terms[name]
-                if use_aleatoric:
-                    al_unsup.append(C.aleatoric.unsup_weight * self.aleatoric(z, v, label))
-                    part = part + al_unsup[-1]
-                if self.use_energy:
-                    terms[f"predlog_unsup{k}"] = energy_term(F.softmax(z, dim=1), label, IGNORE)
-                    part = part + C.energy.unsup_weight * terms[f"predlog_unsup{k}"]
-                add(part)
-            terms["loss_unsup"] = C.unsup_weight * (terms["inter"] + terms["union"])
-            if use_aleatoric:
-                terms["loss_all_unsup"] = al_unsup[0] + al_unsup[1]
-            terms["overlap"] = pl.overlap
-
-        terms["loss_sup"] = (terms["sup_1"] + terms["sup_2"]).detach()
-        loss = sum(parts[1:], parts[0])
-        if backward is not None:
-            if not stream:
-                backward(loss)
-            loss = loss.detach()
-            terms = {k: v.detach() for k, v in terms.items()}
-        terms["loss"] = loss
-        return loss, terms, extras
-
-
-# ----------------------------------------------------------------------------- the loop
-
-def make_optimizer(branch: torch.nn.Module, C: Config) -> torch.optim.SGD:
-    groups = param_groups(branch, C.lr, C.weight_decay, learn_variance=C.aleatoric.learn_variance)
-    return torch.optim.SGD(groups, lr=C.lr, momentum=C.momentum, weight_decay=C.weight_decay)
-
-
 def should_save(C: Config, epoch: int) -> bool:
     """The reference schedule: after epoch e if e > nepochs//6 and e % snapshot_iter == 0,
     and always after the last epoch (``snapshot_from`` replaces nepochs//6 when set)."""
@@ -229,23 +70,16 @@ def should_save(C: Config, epoch: int) -> bool:
 
 
 def format_line(epoch: int, nepochs: int, idx: int, niters: int, lr: float,
-                values: Dict[str, float]) -> str:
-    """The per-iteration log line (REFERENCE 1.8 fields, %.2f, balanced brackets)."""
-    def fmt(names):
-        return ", ".join(f"{n}={values[n]:.2f}" for n in names if n in values)
-
-    parts = [f"Epoch {epoch + 1}/{nepochs} Iter {idx + 1}/{niters}: lr={lr:.4e}",
-             f"loss={values['loss']:.2f}"]
-    if "loss_unsup" in values:
-        parts.append(f"[loss_unsup={values['loss_unsup']:.2f} ({fmt(UNSUP_FIELDS)})]")
-    parts.append(f"[loss_sup={values['loss_sup']:.2f} ({fmt(SUP_FIELDS)})]")
-    for n in ("loss_all", "loss_all_unsup"):
-        if n in values:
-            parts.append(f"{n}={values[n]:.2f}")
-    return " ".join(parts)
+                values: Dict[str, float], body: Optional[str] = None) -> str:
+    """The per-iteration log line: ``Epoch e/E Iter i/N: lr=...`` then ``body`` (the
+    method's :meth:`~furnace.methods.Method.log_line`; default: every term as name=value)."""
+    if body is None:
+        ordered = (["loss"] if "loss" in values else []) + [k for k in values if k != "loss"]
+        body = " ".join(f"{k}={values[k]:.2f}" for k in ordered)
+    return f"Epoch {epoch + 1}/{nepochs} Iter {idx + 1}/{niters}: lr={lr:.4e} {body}"
 
 
-# The progress bar's loss fields: (log name, short label), the first present of each group.
+# The progress bar's loss fields: (log name, short label), those present.
 BAR_FIELDS = (("loss", "loss"), ("loss_sup", "sup"), ("loss_unsup", "unsup"),
               ("loss_all", "al"), ("loss_all_unsup", "al_u"))
 BAR_WIDTH = 100
@@ -290,24 +124,24 @@ class _TrainLog:
         if self.file:
             self.file.write(text + "\n")
 
-    def scalars(self, values: Dict[str, float], lr: float, step: int) -> None:
+    def scalars(self, values: Dict[str, float], step: int, prefix: str = "train") -> None:
         if self.tb:
             for k, v in values.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
-            self.tb.add_scalar("train/lr", lr, step)
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def images(self, extras: Dict[str, torch.Tensor], C: Config, step: int) -> None:
-        if not self.tb:
+        if not self.tb or "image" not in extras or "logits" not in extras:
             return
         mean = torch.tensor(C.image_mean, device=extras["image"].device).view(3, 1, 1)
         std = torch.tensor(C.image_std, device=extras["image"].device).view(3, 1, 1)
         img = (extras["image"][0].float() * std + mean).clamp(0, 1)
         pred = extras["logits"][0].argmax(0).float() / max(1, C.num_classes - 1)
-        var = extras["var"][0, 0].float()
-        var = (var - var.min()) / (var.max() - var.min() + 1e-12)
         self.tb.add_image("train/input", img.cpu(), step)
         self.tb.add_image("train/prediction", pred[None].cpu(), step)
-        self.tb.add_image("train/variance", var[None].cpu(), step)
+        if extras.get("var") is not None:
+            var = extras["var"][0, 0].float()
+            var = (var - var.min()) / (var.max() - var.min() + 1e-12)
+            self.tb.add_image("train/variance", var[None].cpu(), step)
 
     def close(self) -> None:
         if self.file:
@@ -316,18 +150,43 @@ class _TrainLog:
             self.tb.close()
 
 
-def _noise_backend(step, device: torch.device) -> str:
-    """Which normal generator the aleatoric noise uses (the stream differs between them)."""
-    if not step.use_aleatoric:
-        return "unused"
-    return noise_fill.backend() if device.type == "cpu" else f"torch-{device.type}"
+class _StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 (cluster preemption) request a checkpoint and a clean stop
+    at the end of the current iteration; a second SIGINT stops at once (KeyboardInterrupt)."""
+
+    NAMES = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: Dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                if hasattr(signal, name):
+                    s = getattr(signal, name)
+                    self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        return False
 
 
-def train(C: Config, info: DistInfo, resume: Optional[str] = None) -> Path:
-    """Train the dual-branch network as configured; returns the snapshot folder.
+def train(C: Config, info: DistInfo, resume: Optional[str] = None, *,
+          trust_pickle: bool = False) -> Path:
+    """Train the configured method (``C.method``); returns the snapshot folder.
 
-    ``resume``: a checkpoint path; model, both optimisers, scaler, epoch and RNG states are
-    restored so that the run continues as if never stopped.
+    ``resume``: a checkpoint path; modules, optimisers, method state, scaler, position (epoch
+    and iteration) and RNG states are restored so that the run continues as if never stopped.
+    ``trust_pickle``: load a legacy checkpoint with full unpickling (runs code it contains).
+    Raises :class:`TrainingInterrupted` after a preemption signal (checkpoint written).
     """
     device = info.device
     if C.batch_size % info.world_size:
@@ -348,126 +207,226 @@ def train(C: Config, info: DistInfo, resume: Optional[str] = None) -> Path:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     try:
-        return _train(C, info, resume, device, batch)
+        with run_guard(C, info.is_main):  # output folders writable, one run per snapshot folder
+            return _train(C, info, resume, device, batch, trust_pickle)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.device,
-           batch: int) -> Path:
-
-    model = network_from_config(C)
+def _prepare(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """SyncBN under DDP, onto the device, rank 0's initial weights everywhere."""
     if info.distributed:
-        model = convert_sync_batchnorm(model, device)
-    model.to(device)
-    broadcast_module(model, info)
-    opt1, opt2 = make_optimizer(model.branch1, C), make_optimizer(model.branch2, C)
+        module = convert_sync_batchnorm(module, device)
+    module.to(device)
+    broadcast_module(module, info)
+    return module
+
+
+def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.device,
+           batch: int, trust_pickle: bool) -> Path:
+    cls = get_method(method_name(C))
+    niters_full = C.niters_per_epoch
+    niters = min(C.debug, niters_full) if C.debug else niters_full
     amp = amp_dtype(C, device)
+    ctx = MethodContext(device=device, batch_per_process=batch, amp=amp, rank=info.rank,
+                        world_size=info.world_size, niters_per_epoch=niters_full,
+                        prepare=lambda m: _prepare(m, info, device))
+    method = cls(C, ctx)
+    optimizers = list(method.optimizers.values())
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     # independent aleatoric noise and augmentation per rank
     seed_everything(C.seed + info.rank)
 
-    start_epoch = 0
+    start_epoch, start_idx, best = 0, 0, None
     if resume:
-        ck = ckpt_io.load_file(resume)
-        ckpt_io.load_model_weights(model, resume, ck)
-        opt1.load_state_dict(ck["optimizer_1"])
-        opt2.load_state_dict(ck["optimizer_2"])
-        if ck.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ck["scaler"])
-        start_epoch = int(ck["epoch"]) + 1
+        ck = ckpt_io.load_file(resume, trust_pickle=trust_pickle)
+        start_epoch, start_idx = ckpt_io.restore_training(method, ck, resume, scaler, niters)
+        best = ck.get("best_miou")
         if "rng" in ck:
             ckpt_io.set_rng_state(ck["rng"])
         if info.rank > 0:  # only rank 0's states are saved
-            seed_everything((C.seed + info.rank) * 1000 + start_epoch)
-        logger.info("resumed from %s at epoch %d", resume, start_epoch)
+            seed_everything((C.seed + info.rank) * 1000 + start_epoch
+                            + (start_idx * 100003 if start_idx else 0))
+        logger.info("resumed from %s at epoch %d iteration %d", resume, start_epoch, start_idx)
+        if start_epoch >= C.nepochs:
+            raise ckpt_io.CheckpointError(
+                f"-c {resume}: that run already finished its {C.nepochs} epochs; to train "
+                f"further raise nepochs (--set nepochs={C.nepochs + 10}), or start a new run "
+                "without -c")
 
     if info.is_main:
         prepare_from_config(C)
     if info.distributed:
         torch.distributed.barrier()
     loaders = TrainLoaders(C, rank=info.rank, world_size=info.world_size)
-    step = DUEBStep(model, C, batch, amp)
-    params = [p for p in model.parameters() if p.requires_grad]
-    niters_full = C.niters_per_epoch
-    niters = min(C.debug, niters_full) if C.debug else niters_full
+    stream_ids = [STREAMS.index(s) for s in cls.streams]
+    params, seen = [], set()
+    for module in method.modules.values():
+        for p in module.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
     policy = PolyLR(C.lr, C.lr_power, C.nepochs * niters_full, niters_full * C.warm_up_epoch)
     log = _TrainLog(C, info.is_main)
-    log.line(f"# DUEB {__version__}: aleatoric={step.use_aleatoric} energy={step.use_energy} "
-             f"unsup={step.use_unsup} world_size={info.world_size} device={device} "
-             f"amp={C.amp} noise={_noise_backend(step, device)} config={C.to_dict()}")
+    log.line(f"# furnace {__version__}: method={cls.name} {method.describe()} "
+             f"world_size={info.world_size} device={device} amp={C.amp} config={C.to_dict()}")
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
 
     snapshot_dir = Path(C.snapshot_dir)
+    every = int(C.get("snapshot_every_iters") or 0)
+    eval_every = int(C.get("eval_every") or 0)
+
+    def state(epoch: int, idx: int, t_global: int, best_miou: Optional[float] = None
+              ) -> Dict[str, Any]:
+        """The checkpoint after iteration ``idx`` of ``epoch`` (format 2)."""
+        nxt = [epoch, idx + 1] if idx + 1 < niters else [epoch + 1, 0]
+        return ckpt_io.training_state(method, epoch=epoch, iteration=idx,
+                                      global_iteration=t_global, resume_at=nxt,
+                                      config=C.to_dict(), scaler=scaler,
+                                      best_miou=best if best_miou is None else best_miou,
+                                      version=__version__)
+
+    reason = "error"
     try:
-        for epoch in range(start_epoch, C.nepochs):
-            model.train()
-            batches = loaders.epoch(epoch)
-            bar = range(niters)
-            if tqdm is not None and info.is_main:
-                # iteration/total, it/s and ETA first, then the losses; at most BAR_WIDTH
-                bar = tqdm(bar, file=sys.stdout, ncols=BAR_WIDTH, leave=False,
-                           bar_format=BAR_FORMAT)
-            t0 = time.time()
-            for idx in bar:
-                lab, u0, u1 = next(batches)
-                lab, u0, u1 = (_to_device(b, device) for b in (lab, u0, u1))
-                opt1.zero_grad(set_to_none=True)
-                opt2.zero_grad(set_to_none=True)
-                # backward runs inside the step, one branch's share at a time to free its
-                # graph early; the optimisers only step after the finiteness check below
-                t_global = epoch * niters_full + idx
-                loss, terms, extras = step(lab, u0, u1,
-                                           backward=lambda l: scaler.scale(l).backward(),
-                                           iteration=t_global)
-                lr = policy.get_lr(t_global)
-                set_lr((opt1, opt2), lr)
-                names = list(terms)
-                stacked = torch.stack([terms[n].detach().float() for n in names])
-                values = dict(zip(names, reduce_mean(stacked, info).tolist()))
-                bad = [n for n in names if not math.isfinite(values[n])]
-                if bad:
-                    raise NonFiniteLossError(
-                        f"loss term '{bad[0]}' is {values[bad[0]]} at epoch {epoch} iteration "
-                        f"{idx} (global {t_global}); stopped before the optimiser step, the last "
-                        f"checkpoint in {snapshot_dir} is intact. Try a lower lr or amp=off.")
-                average_gradients(params, info)
-                scaler.step(opt1)
-                scaler.step(opt2)
-                scaler.update()
+        with _StopSignals() as stop:
+            for epoch in range(start_epoch, C.nepochs):
+                method.train_mode()
+                first = start_idx if epoch == start_epoch else 0
+                batches = epoch_batches(loaders, epoch, stream_ids, first, niters)
+                bar = range(first, niters)
+                if tqdm is not None and info.is_main:
+                    # iteration/total, it/s and ETA first, then the losses; at most BAR_WIDTH
+                    bar = tqdm(bar, file=sys.stdout, ncols=BAR_WIDTH, leave=False,
+                               bar_format=BAR_FORMAT, initial=first, total=niters)
+                t0 = time.time()
+                for idx in bar:
+                    data = [_to_device(b, device) for b in next(batches)]
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    # the method calls backward on its loss (or parts of it); the optimisers
+                    # only step after the finiteness check below
+                    t_global = epoch * niters_full + idx
+                    loss, terms, extras = method.train_step(
+                        data, iteration=t_global, epoch=epoch,
+                        backward=lambda l: scaler.scale(l).backward())
+                    lr = policy.get_lr(t_global)
+                    set_lr(optimizers, lr)
+                    names = list(terms)
+                    # the stop request rides along with the logged values: every rank sees
+                    # it at the same iteration, so all of them stop together
+                    flag = torch.tensor([float(stop.signum is not None)], device=device)
+                    stacked = torch.cat([torch.stack([terms[n].detach().float()
+                                                      for n in names]), flag])
+                    reduced = reduce_mean(stacked, info).tolist()
+                    stop_now = reduced.pop() > 0
+                    values = dict(zip(names, reduced))
+                    bad = [n for n in names if not math.isfinite(values[n])]
+                    if bad:
+                        reason = "NaN"
+                        raise NonFiniteLossError(
+                            f"loss term '{bad[0]}' is {values[bad[0]]} at epoch {epoch} "
+                            f"iteration {idx} (global {t_global}); stopped before the optimiser "
+                            f"step, the last checkpoint in {snapshot_dir} is intact. Try a "
+                            "lower lr or amp=off.")
+                    average_gradients(params, info)
+                    for opt in optimizers:
+                        scaler.step(opt)
+                    scaler.update()
+                    method.after_step(iteration=t_global, epoch=epoch)
+                    if info.is_main:
+                        line = format_line(epoch, C.nepochs, idx, niters, lr, values,
+                                           method.log_line(values))
+                        log.line(line)
+                        if hasattr(bar, "set_description_str"):
+                            bar.set_description_str(bar_text(epoch, C.nepochs, values),
+                                                    refresh=False)
+                        log.scalars(dict(values, lr=lr), t_global)
+                        if C.tb_images_every and t_global % C.tb_images_every == 0:
+                            log.images(extras, C, t_global)
+                    if stop_now:
+                        signum = stop.signum if stop.signum is not None else signal.SIGTERM
+                        name = signal.Signals(signum).name
+                        path = None
+                        if info.is_main:
+                            if hasattr(bar, "close"):
+                                bar.close()
+                            path = ckpt_io.save_snapshot(snapshot_dir,
+                                                         state(epoch, idx, t_global))
+                            log.line(f"# saved {path}")
+                        reason = f"interrupted ({name})"
+                        raise TrainingInterrupted(name, signum, path,
+                                                  f"at epoch {epoch} iteration {idx}")
+                    if (every and (t_global + 1) % every == 0 and idx + 1 < niters
+                            and info.is_main):
+                        path = ckpt_io.save_snapshot(snapshot_dir, state(epoch, idx, t_global))
+                        log.line(f"# saved {path} (epoch {epoch} iteration {idx})")
                 if info.is_main:
-                    line = format_line(epoch, C.nepochs, idx, niters, lr, values)
-                    log.line(line)
-                    if hasattr(bar, "set_description_str"):
-                        bar.set_description_str(bar_text(epoch, C.nepochs, values), refresh=False)
-                    log.scalars(values, lr, t_global)
-                    if C.tb_images_every and t_global % C.tb_images_every == 0:
-                        log.images(extras, C, t_global)
-            if info.is_main:
-                if hasattr(bar, "close"):
-                    bar.close()
-                msg = (f"epoch {epoch + 1}/{C.nepochs} done in {time.time() - t0:.1f}s "
-                       f"({(time.time() - t0) / max(1, niters):.3f}s/iter)")
-                log.line("# " + msg)
-                print(msg, flush=True)
-                if should_save(C, epoch):
-                    state = {"model": model.state_dict(), "optimizer_1": opt1.state_dict(),
-                             "optimizer_2": opt2.state_dict(), "epoch": epoch,
-                             "iteration": niters - 1, "global_iteration": t_global,
-                             "config": C.to_dict(), "rng": ckpt_io.rng_state(),
-                             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                             "version": __version__}
-                    path = ckpt_io.save_checkpoint(snapshot_dir, epoch, state, C.snapshot_keep)
+                    if hasattr(bar, "close"):
+                        bar.close()
+                    msg = (f"epoch {epoch + 1}/{C.nepochs} done in {time.time() - t0:.1f}s "
+                           f"({(time.time() - t0) / max(1, niters - first):.3f}s/iter)")
+                    log.line("# " + msg)
+                    print(msg, flush=True)
+                if eval_every and ((epoch + 1) % eval_every == 0 or epoch == C.nepochs - 1):
+                    best = _validate(method, C, info, log, epoch, niters, niters_full, best,
+                                     snapshot_dir, state)
+                if info.is_main and should_save(C, epoch):
+                    path = ckpt_io.save_checkpoint(snapshot_dir, epoch,
+                                                   state(epoch, niters - 1, t_global),
+                                                   C.snapshot_keep)
                     log.line(f"# saved {path}")
-            if C.stop_after_epoch is not None and epoch >= C.stop_after_epoch:
-                break
-        if info.distributed:
-            # a cheap end-of-run guard that gradient averaging kept the replicas identical
-            log.line(f"# max parameter difference across {info.world_size} ranks: "
-                     f"{max_rank_divergence(model, info):.3e}")
+                if C.stop_after_epoch is not None and epoch >= C.stop_after_epoch:
+                    break
+            if info.distributed:
+                # a cheap end-of-run guard that gradient averaging kept the replicas identical
+                log.line(f"# max parameter difference across {info.world_size} ranks: "
+                         f"{max(max_rank_divergence(m, info) for m in method.modules.values()):.3e}")
+        reason = "finished"
+    except TrainingInterrupted:
+        raise
+    except NonFiniteLossError:
+        raise
+    except BaseException as e:
+        reason = f"error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        raise
     finally:
+        log.line(f"# stopped: {reason}")
         log.close()
     return snapshot_dir
+
+
+def _validate(method, C: Config, info: DistInfo, log: _TrainLog, epoch: int, niters: int,
+              niters_full: int, best: Optional[float], snapshot_dir: Path, state) -> Optional[float]:
+    """Evaluate the method's eval model on the val list (rank 0), log mIoU, keep best.pth.
+    Returns the best mIoU so far (a fraction)."""
+    if info.is_main:
+        from ..eval.cli import evaluate_model
+        t0 = time.time()
+        # validation must not move the training RNG streams (a run with eval_every then
+        # trains exactly as one without)
+        devices = [info.device] if info.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            m = evaluate_model(method.eval_model(), C, str(info.device))
+        miou = float(m["miou"])
+        step = (epoch + 1) * niters_full
+        log.scalars({"miou": miou, "pixel_acc": float(m["pixel_acc"])}, step, prefix="val")
+        improved = best is None or miou > best
+        log.line(f"# val epoch {epoch + 1}: mIoU {100 * miou:.3f}% pixel acc "
+                 f"{100 * float(m['pixel_acc']):.3f}% ({time.time() - t0:.1f}s)"
+                 + (" best" if improved else f" (best {100 * best:.3f}%)"))
+        print(f"val epoch {epoch + 1}: mIoU {100 * miou:.2f}%", flush=True)
+        if improved:
+            best = miou
+            path = ckpt_io.save_best(snapshot_dir, state(epoch, niters - 1,
+                                                         epoch * niters_full + niters - 1, best))
+            log.line(f"# saved {path}")
+    if info.distributed:
+        # every rank keeps the same best value (for its checkpoints) and waits for rank 0
+        t = torch.tensor([best if best is not None else -1.0], dtype=torch.float64,
+                         device=info.device)
+        torch.distributed.broadcast(t, src=0)
+        best = None if t.item() < 0 else t.item()
+    return best

@@ -1,0 +1,140 @@
+"""The method protocol: what the training engine asks of a segmentation method.
+
+A method owns its networks, optimisers and losses. The engine (``furnace.engine.trainer``)
+owns everything around them: data streams, devices and DDP, AMP scaling, the LR schedule,
+finiteness checks, logging, checkpoints, validation and preemption. It knows no method by
+name; it calls, per run and per iteration:
+
+    m = MethodClass(C, ctx)                  # build modules and optimisers (ctx: device, ...)
+    m.streams                                # which loaders to draw each iteration
+    loss, terms, extras = m.train_step(batches, iteration=t, epoch=e, backward=fn)
+    (the engine averages gradients across ranks and steps every optimiser in m.optimizers)
+    m.after_step(iteration=t, epoch=e)       # e.g. an EMA teacher update
+    m.eval_model()                           # validated by eval_every, saved as best.pth
+    m.extra_state() / m.load_extra_state(s)  # e.g. memory queues, an EMA step counter
+    m.log_line(values)                       # the method's part of the train-log line
+
+Checkpoints store ``{key: module.state_dict()}`` for ``m.modules`` and the same for
+``m.optimizers``, so the keys a method chooses are the file's keys (DUEB: ``model``,
+``optimizer_1``, ``optimizer_2``, as the reference).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+#: The loaders the engine can provide, each a dict of device tensors per iteration:
+#: ``labeled``: data [B,3,H,W] float, label [B,H,W] int64; ``unlabeled0``: data, mask
+#: [B,1,H,W] in {0,1} (CutMix boxes); ``unlabeled1``: data (a second, independent draw).
+STREAMS = ("labeled", "unlabeled0", "unlabeled1")
+
+Batch = Dict[str, torch.Tensor]
+StepResult = Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
+
+
+def _identity(module: nn.Module) -> nn.Module:
+    return module
+
+
+@dataclass
+class MethodContext:
+    """What a method needs from the engine to build itself.
+
+    ``prepare(module)``: converts BatchNorm to SyncBN under DDP, moves the module to ``device``
+    and makes every rank start from rank 0's weights; call it on each network before building
+    its optimiser. ``amp``: the autocast dtype or None. ``batch_per_process``: images per
+    stream per iteration on this process.
+    """
+    device: torch.device = torch.device("cpu")
+    batch_per_process: int = 2
+    amp: Optional[torch.dtype] = None
+    rank: int = 0
+    world_size: int = 1
+    niters_per_epoch: int = 1
+    prepare: Callable[[nn.Module], nn.Module] = field(default=_identity)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision outputs (bf16/fp16 under autocast) to float32 for the losses; float32
+    and float64 pass unchanged, so the losses run in the model's own precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class Method:
+    """Base class of the methods; subclasses set the class attributes and build in __init__.
+
+    Class attributes:
+        name: the registry key (the ``method`` config key).
+        streams: the loaders used, a subset of :data:`STREAMS`, in the order given to
+            :meth:`train_step` (fewer streams: less data loading).
+        presets: ``{preset name: ['key=value', ...]}`` applied before the environment and
+            ``--set`` (so the command line has the last word); scripts pick one.
+        checkpoint_model_key: the ``modules`` key whose weights :meth:`build_eval_model`'s
+            network loads in eval.py.
+    Instances set ``modules`` (checkpoint key -> nn.Module) and ``optimizers`` (checkpoint key
+    -> torch.optim.Optimizer).
+    """
+
+    name: ClassVar[str] = ""
+    streams: ClassVar[Sequence[str]] = ("labeled",)
+    presets: ClassVar[Mapping[str, Sequence[str]]] = {}
+    checkpoint_model_key: ClassVar[str] = "model"
+
+    def __init__(self, C, ctx: MethodContext):
+        self.C = C
+        self.ctx = ctx
+        self.modules: Dict[str, nn.Module] = {}
+        self.optimizers: Dict[str, torch.optim.Optimizer] = {}
+
+    # -- per iteration
+    def train_step(self, batches: Sequence[Batch], *, iteration: int, epoch: int,
+                   backward: Callable[[torch.Tensor], None]) -> StepResult:
+        """One iteration's losses. ``batches``: one dict per entry of ``streams``.
+
+        Call ``backward(part)`` on the loss (or on parts that add up to it, as soon as each is
+        complete); the engine scales it for AMP. Return ``(loss, terms, extras)``: the detached
+        total, a dict of 0-d tensors (must include ``loss``; every term is checked for
+        finiteness and logged), and tensors for tensorboard images (``image`` [B,3,H,W],
+        ``logits`` [B,C,H,W], optionally ``var`` [B,1,H,W]; may be empty).
+        """
+        raise NotImplementedError
+
+    def after_step(self, *, iteration: int, epoch: int) -> None:
+        """Called after every optimiser step (EMA updates, queue maintenance)."""
+
+    def train_mode(self) -> None:
+        """Put the trained networks in train mode at the start of each epoch."""
+        for m in self.modules.values():
+            m.train()
+
+    # -- evaluation
+    def eval_model(self) -> nn.Module:
+        """The network to validate: in eval mode ``model(x)`` [B,3,H,W] -> logits [B,C,H,W]."""
+        return self.modules[self.checkpoint_model_key]
+
+    @classmethod
+    def build_eval_model(cls, C) -> nn.Module:
+        """The evaluation network for eval.py, without pretrained weights; it loads the
+        ``checkpoint_model_key`` entry of a checkpoint."""
+        raise NotImplementedError
+
+    # -- checkpoints and logs
+    def extra_state(self) -> Dict[str, Any]:
+        """Method state beyond modules and optimisers (tensors, numbers, strings, lists,
+        dicts only: checkpoints load with ``weights_only=True``)."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`extra_state` on resume."""
+
+    def describe(self) -> str:
+        """One line for the head of the train log (switches, options)."""
+        return self.name
+
+    def log_line(self, values: Mapping[str, float]) -> str:
+        """The method's part of the per-iteration log line (after epoch, iteration and lr)."""
+        ordered = (["loss"] if "loss" in values else []) + [k for k in values if k != "loss"]
+        return " ".join(f"{k}={values[k]:.2f}" for k in ordered)

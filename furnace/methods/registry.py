@@ -1,0 +1,52 @@
+"""The method registry: ``method`` config key -> Method subclass."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Type
+
+from ..config import ConfigError
+from .base import STREAMS, Method
+
+_REGISTRY: Dict[str, Type[Method]] = {}
+
+
+def register(cls: Optional[Type[Method]] = None, *, name: Optional[str] = None,
+             replace: bool = False) -> Callable:
+    """Class decorator: ``@register`` (key ``cls.name``) or ``@register(name='x')``.
+
+    Registering a taken name raises ValueError unless ``replace`` (tests, notebooks)."""
+    def deco(c: Type[Method]) -> Type[Method]:
+        key = name or c.name
+        if not key:
+            raise ValueError(f"{c.__name__}: set the class attribute `name` or pass name=")
+        bad = [s for s in c.streams if s not in STREAMS]
+        if bad or not c.streams:
+            raise ValueError(f"{c.__name__}.streams must be a non-empty subset of {STREAMS}; "
+                             f"got {tuple(c.streams)}")
+        if key in _REGISTRY and _REGISTRY[key] is not c and not replace:
+            raise ValueError(f"method '{key}' is already registered ({_REGISTRY[key].__name__})")
+        c.name = key
+        _REGISTRY[key] = c
+        return c
+    return deco(cls) if cls is not None else deco
+
+
+def method_names() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Type[Method]:
+    """The registered class for ``name``; ConfigError naming the known methods otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"config key 'method' is {name!r}, which is not a registered method; "
+                          f"known: {', '.join(method_names())}") from None
+
+
+def method_name(C) -> str:
+    """The method a config asks for. The legacy switch ``supervised_only=True`` (kept for old
+    configs and scripts) selects the ``supervised`` method when ``method`` is ``dueb``."""
+    name = C.get("method", "dueb")
+    if name == "dueb" and C.get("supervised_only"):
+        return "supervised"
+    return name
