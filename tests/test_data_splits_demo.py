@@ -140,3 +140,21 @@ def test_demo_objects_saturated_and_hue_hints_class():
     # HUE_HINT plus the random hues that fall in the right band by chance (1 in 5)
     expected = demo.HUE_HINT + (1 - demo.HUE_HINT) / (demo.DEMO_NUM_CLASSES - 1)
     assert n_obj > 100 and abs(share - expected) < 0.15, (share, expected)
+
+
+def test_demo_data_without_the_current_splits_is_regenerated(tmp_path):
+    """Data made before the 1/32 and 1/64 splits existed (stamp without them) is remade."""
+    import json
+    root = tmp_path / "demo"
+    ensure_demo_data(root, n_train=8, n_val=2, verbose=False)
+    sub = root / "subset_train_aug"
+    assert [len((sub / f"train_aug_labeled_1-{r}.txt").read_text().splitlines())
+            for r in (32, 64)] == [1, 1]
+    stamp = root / "demo_stamp.json"
+    old = json.loads(stamp.read_text())
+    del old["ratios"]
+    stamp.write_text(json.dumps(old))
+    (sub / "train_aug_labeled_1-64.txt").unlink()
+    assert not is_complete(root, n_train=8, n_val=2)
+    ensure_demo_data(root, n_train=8, n_val=2, verbose=False)
+    assert (sub / "train_aug_labeled_1-64.txt").is_file()

@@ -14,7 +14,7 @@ same bytes.
 
 Layout under root (as the CPS 'pascal_voc' archive):
     train_aug/image/<id>.png  train_aug/label/<id>.png  val/image/<id>.png  val/label/<id>.png
-    train_aug.txt  val.txt  subset_train_aug/train_aug_{labeled,unlabeled}_1-{2,4,8,16}.txt
+    train_aug.txt  val.txt  subset_train_aug/train_aug_{labeled,unlabeled}_1-{2,4,8,16,32,64}.txt
     demo_stamp.json (written last; marks a complete dataset)
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .splits import make_splits, split_file_names
 DEMO_CLASSES: List[str] = ["background", "disc", "square", "triangle", "ring", "bar"]
 DEMO_NUM_CLASSES = len(DEMO_CLASSES)
 DEMO_VERSION = 2
-DEMO_RATIOS = (2, 4, 8, 16)
+DEMO_RATIOS = (2, 4, 8, 16, 32, 64)
 STAMP_NAME = "demo_stamp.json"
 HUE_HINT = 0.6  # share of objects whose hue lies in their class band
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "DATA" / "demo"
@@ -183,7 +183,8 @@ def _write_label(path: str, label: np.ndarray) -> None:
 
 def _stamp(seed: int, n_train: int, n_val: int, size: int) -> Dict:
     return {"version": DEMO_VERSION, "seed": int(seed), "n_train": int(n_train),
-            "n_val": int(n_val), "size": int(size), "classes": DEMO_CLASSES}
+            "n_val": int(n_val), "size": int(size), "classes": DEMO_CLASSES,
+            "ratios": list(DEMO_RATIOS)}
 
 
 def is_complete(root, seed: int = 0, n_train: int = 1000, n_val: int = 200,
