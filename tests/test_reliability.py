@@ -79,6 +79,10 @@ def test_demo_generator_never_replaces_a_users_voc_folder(tmp_path, capsys):
     assert demo_main(["--root", str(empty), "--n-train", "4", "--n-val", "2"]) == 0
     assert demo_main(["--root", str(empty), "--n-train", "5", "--n-val", "2"]) == 0
     assert len((empty / "train_aug.txt").read_text().splitlines()) == 5
+    a_file = tmp_path / "data.txt"
+    a_file.write_text("keep")
+    assert demo_main(["--root", str(a_file), "--n-train", "4", "--n-val", "2"]) == 2
+    assert "is not a folder" in _one_error_line(capsys) and a_file.read_text() == "keep"
 
 
 def test_split_tool_refuses_to_overwrite_its_input(tmp_path, capsys):
