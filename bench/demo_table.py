@@ -1,16 +1,29 @@
-"""The semi-supervised table on the demo data: baselines and ablations at one iteration budget.
+"""The semi-supervised table on the demo data: baselines and ablations at one budget, over seeds.
 
-    python bench/demo_table.py [--seeds 0 1] [--ratio 8] [--set key=value ...]
+    python bench/demo_table.py [--seeds 0 1 2] [--ratio 32] [--methods sup cpcl dueb ...]
+                               [--set key=value ...] [--out img/demo_table_r32]
 
-Trains, on DATA/demo at 1/ratio labels and with the exp_demo settings, the supervised-only
-baseline (labelled data only), the CPCL baseline (both DUEB switches off), trainal (aleatoric
-only), traine (energy only) and train (full DUEB); evaluates branch 1 of each on the val list;
-writes img/demo_table.md and img/demo_table.png and prints the table. Each run is the same
-code path as the experiment scripts (furnace.engine.trainer.train, furnace.eval.cli.run).
+Trains, on DATA/demo at 1/ratio labels with the exp_demo settings (plus --set), every method of
+--methods for every seed, evaluates each on the val list and writes <out>.md (per-seed values
+and mean ± std over seeds of mIoU, pixel accuracy and train time) and <out>.png (mIoU bars with
+the std as error bars). Methods:
+
+    sup      supervised only, on the labelled subset
+    cpcl     CPCL: both DUEB loss switches off
+    trainal  aleatoric terms only
+    traine   energy terms only
+    dueb     full DUEB (train.py)
+    full     supervised only on all training labels (the upper bound)
+
+Each run is the code path of the experiment scripts (furnace.engine.trainer.train, then
+furnace.eval.cli.run). Finished runs are kept in <out>.runs.jsonl and skipped when the table is
+rerun with the same settings, so an interrupted table resumes where it stopped.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import tempfile
 import time
@@ -20,86 +33,140 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from furnace.config import load_config  # noqa: E402
-from furnace.data.demo import ensure_demo_data  # noqa: E402
+from furnace.engine.cli import script_preset  # noqa: E402
 from furnace.engine.dist import DistInfo, parse_device  # noqa: E402
 from furnace.engine.trainer import train  # noqa: E402
 from furnace.eval.cli import run as evaluate  # noqa: E402
+from furnace.methods import get_method  # noqa: E402
 
-VARIANTS = [  # (name, aleatoric, energy, supervised_only)
-    ("supervised only", False, False, True),
-    ("CPCL (switches off)", False, False, False),
-    ("trainal (aleatoric)", True, False, False),
-    ("traine (energy)", False, True, False),
-    ("train (DUEB)", True, True, False),
-]
+# name -> (label, registered method, its preset, extra keys)
+METHODS = {
+    "sup": ("supervised only", "supervised", None, []),
+    "cpcl": ("CPCL", "dueb", "cpcl", []),
+    "trainal": ("trainal (aleatoric)", "dueb", "aleatoric", []),
+    "traine": ("traine (energy)", "dueb", "energy", []),
+    "dueb": ("DUEB (train.py)", "dueb", "full", []),
+    # every training image labelled: the full list as the labelled source
+    "full": ("supervised, all labels", "supervised", None,
+             ["train_source=train_aug.txt", "num_train_imgs=1000"]),
+}
+COLOURS = {"sup": "#999", "cpcl": "#6a9", "trainal": "#59c", "traine": "#c95", "dueb": "#c55",
+           "full": "#555"}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[12345])
-    ap.add_argument("--ratio", type=int, default=8)
-    ap.add_argument("--device", default="")
-    ap.add_argument("--out", default=str(ROOT / "img" / "demo_table"))
-    ap.add_argument("--set", dest="overrides", nargs="+", default=[])
-    args = ap.parse_args(argv)
-    ensure_demo_data()
-    device = parse_device(args.device)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, al, en, sup in VARIANTS:
-            for seed in args.seeds:
-                log_dir = Path(tmp) / f"{name.split()[0]}_{seed}"
-                preset = [f"aleatoric.enabled={al}", f"energy.enabled={en}",
-                          f"supervised_only={sup}"]
-                C = load_config(ROOT / "exp_demo",
-                                [f"labeled_ratio={args.ratio}", f"seed={seed}",
-                                 f"log_dir={log_dir}", "snapshot_keep=1", "tb_images_every=0",
-                                 *args.overrides], env={}, preset=preset)
-                t0 = time.time()
-                train(C, DistInfo(device=device))
-                wall = time.time() - t0
-                res = evaluate(C, "last", [str(device)])[0]
-                rows.append((name, seed, res["miou"], res["pixel_acc"], wall))
-                print(f"{name} seed {seed}: mIoU {100 * res['miou']:.2f} "
-                      f"pixel acc {100 * res['pixel_acc']:.2f} train {wall:.0f}s", flush=True)
-    C0 = load_config(ROOT / "exp_demo", [f"labeled_ratio={args.ratio}", *args.overrides], env={})
-    header = (f"Demo data, 1/{args.ratio} labels ({C0.num_train_imgs} labelled images), "
-              f"{C0.backbone} from scratch, {C0.nepochs} x {C0.niters_per_epoch} iterations "
-              f"at batch {C0.batch_size}, crop {C0.image_height}, aleatoric terms from "
-              f"iteration {C0.aleatoric.start_iter}, seeds {args.seeds}, device {device}.\n\n")
-    lines = ["| method | mIoU (%) | pixel acc. (%) | train wall time (s) |",
-             "|---|---:|---:|---:|"]
-    summary = []
-    for name, *_ in VARIANTS:
-        r = [row for row in rows if row[0] == name]
-        miou = sum(x[2] for x in r) / len(r)
-        acc = sum(x[3] for x in r) / len(r)
-        wall = sum(x[4] for x in r) / len(r)
-        spread = f" ± {100 * (max(x[2] for x in r) - min(x[2] for x in r)) / 2:.2f}" \
-            if len(r) > 1 else ""
-        lines.append(f"| {name} | {100 * miou:.2f}{spread} | {100 * acc:.2f} | {wall:.0f} |")
-        summary.append((name, 100 * miou))
-    table = header + "\n".join(lines) + "\n"
-    print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table)
+def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) -> dict:
+    """Train and evaluate one method/seed; returns its row."""
+    _, name, preset, extra = METHODS[method]
+    C = load_config(ROOT / "exp_demo",
+                    [f"labeled_ratio={ratio}", f"seed={seed}", f"log_dir={tmp / method}_{seed}",
+                     "snapshot_keep=1", "tb_images_every=0", *extra, *overrides],
+                    env={}, preset=script_preset(name, preset, None, None, None))
+    t0 = time.time()
+    train(C, DistInfo(device=device))
+    wall = time.time() - t0
+    res = evaluate(C, "last", [str(device)], model_factory=get_method(name).build_eval_model)[0]
+    return {"method": method, "seed": seed, "ratio": ratio, "overrides": list(overrides),
+            "miou": 100 * res["miou"], "pixel_acc": 100 * res["pixel_acc"], "train_s": wall,
+            "device": str(device)}
+
+
+def mean_std(values) -> str:
+    m = statistics.mean(values)
+    return f"{m:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{m:.2f}"
+
+
+def table(rows, methods, seeds, header: str) -> str:
+    lines = ["| method | " + " | ".join(f"mIoU seed {s}" for s in seeds)
+             + " | mIoU (%) mean ± std | pixel acc. (%) | train time (s) |",
+             "|---|" + "---:|" * (len(seeds) + 3)]
+    for m in methods:
+        r = {row["seed"]: row for row in rows if row["method"] == m}
+        if not r:
+            continue
+        got = [r[s] for s in seeds if s in r]
+        lines.append(f"| {METHODS[m][0]} | "
+                     + " | ".join(f"{r[s]['miou']:.2f}" if s in r else "–" for s in seeds)
+                     + f" | {mean_std([x['miou'] for x in got])}"
+                     + f" | {mean_std([x['pixel_acc'] for x in got])}"
+                     + f" | {statistics.mean(x['train_s'] for x in got):.0f} |")
+    return header + "\n".join(lines) + "\n"
+
+
+def plot(rows, methods, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    names, vals = zip(*summary)
-    bars = ax.barh(range(len(vals)), vals, color=["#999", "#6a9", "#59c", "#c95", "#c55"])
-    ax.set_yticks(range(len(vals)), names)
+    shown = [m for m in methods if any(r["method"] == m for r in rows)]
+    vals = [[r["miou"] for r in rows if r["method"] == m] for m in shown]
+    means = [statistics.mean(v) for v in vals]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(shown) + 1.2))
+    y = range(len(shown))
+    ax.barh(y, means, xerr=stds, capsize=3, color=[COLOURS[m] for m in shown])
+    for i, v in enumerate(vals):  # each seed as a dot
+        ax.plot(v, [i] * len(v), "k.", ms=3)
+    ax.set_yticks(list(y), [METHODS[m][0] for m in shown])
     ax.invert_yaxis()
-    ax.set_xlabel("mIoU (%) on demo val")
-    for b, v in zip(bars, vals):
-        ax.text(v + 0.3, b.get_y() + b.get_height() / 2, f"{v:.1f}", va="center", fontsize=8)
-    ax.set_xlim(0, max(vals) * 1.15)
+    ax.set_xlabel("mIoU (%) on demo val, mean ± std over seeds")
+    ax.set_title(title, fontsize=9)
+    for i, (m, s) in enumerate(zip(means, stds)):
+        ax.text(m + s + 0.5, i, f"{m:.1f}", va="center", fontsize=8)
+    ax.set_xlim(0, max(m + s for m, s in zip(means, stds)) * 1.15)
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--ratio", type=int, default=32)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--device", default="")
+    ap.add_argument("--out", default=None, help="default: img/demo_table_r<ratio>")
+    ap.add_argument("--set", dest="overrides", nargs="+", default=[])
+    args = ap.parse_args(argv)
+    out = Path(args.out or ROOT / "img" / f"demo_table_r{args.ratio}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cache = out.with_suffix(".runs.jsonl")
+    device = parse_device(args.device)
+    done = []
+    if cache.exists():
+        done = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+    key = lambda r: (r["method"], r["seed"], r["ratio"], tuple(r["overrides"]))  # noqa: E731
+    have = {key(r): r for r in done}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            for seed in args.seeds:
+                k = (method, seed, args.ratio, tuple(args.overrides))
+                if k not in have:
+                    have[k] = run_one(method, seed, args.ratio, args.overrides, device,
+                                      Path(tmp))
+                    with cache.open("a") as f:
+                        f.write(json.dumps(have[k]) + "\n")
+                r = have[k]
+                rows.append(r)
+                print(f"{METHODS[method][0]} seed {seed}: mIoU {r['miou']:.2f} pixel acc "
+                      f"{r['pixel_acc']:.2f} train {r['train_s']:.0f}s", flush=True)
+    C = load_config(ROOT / "exp_demo", [f"labeled_ratio={args.ratio}", *args.overrides], env={})
+    title = (f"demo, 1/{args.ratio} labels ({C.num_train_imgs} images), {C.backbone} from "
+             f"scratch, {C.nepochs} x {C.niters_per_epoch} its, seeds {args.seeds}")
+    header = (f"Demo data, 1/{args.ratio} labels ({C.num_train_imgs} labelled of "
+              f"{C.total_train_imgs} images), {C.backbone} from scratch, head_channels "
+              f"{C.head_channels}, {C.nepochs} x {C.niters_per_epoch} iterations at batch "
+              f"{C.batch_size}, crop {C.image_height}, lr {C.lr}, aleatoric terms from "
+              f"iteration {C.aleatoric.start_iter}, seeds {args.seeds}, device {device}"
+              + (f", --set {' '.join(args.overrides)}" if args.overrides else "")
+              + ". Command: `python bench/demo_table.py --ratio "
+              f"{args.ratio} --seeds {' '.join(map(str, args.seeds))}`.\n\n")
+    text = table(rows, args.methods, args.seeds, header)
+    print(text)
+    out.with_suffix(".md").write_text(text)
+    plot(rows, args.methods, out.with_suffix(".png"), title)
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
