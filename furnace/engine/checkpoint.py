@@ -182,7 +182,7 @@ def restore_training(method, ckpt: Mapping[str, Any], path: os.PathLike, scaler=
     Returns ``(epoch, iteration)`` to continue from. Raises :class:`CheckpointError` when the
     file is another method's or holds no training state (a model-only file)."""
     name = checkpoint_method(ckpt)
-    if name != method.name:
+    if isinstance(ckpt, Mapping) and "method" in ckpt and name != method.name:
         raise CheckpointError(f"-c {path}: the checkpoint was written by method '{name}' but "
                               f"the config trains '{method.name}'; set method={name} or "
                               "start without -c")

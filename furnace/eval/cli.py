@@ -32,7 +32,6 @@ import torch
 from furnace.config import ConfigError, add_config_arguments, load_config
 from furnace.data import DataError, build_eval_dataset
 from furnace.data.demo import prepare_from_config
-from furnace.models import network_from_config
 
 from .evaluator import SegEvaluator
 from .metrics import ConfusionMatrix, compute_metrics, format_results
@@ -104,19 +103,44 @@ def shard_indices(n: int, parts: int) -> List[range]:
 
 # ----------------------------------------------------------------------------- one shard
 
-def build_model(C) -> torch.nn.Module:
-    """The dual-branch network of the config, without pretrained weights."""
-    return network_from_config(C, pretrained=False)
+def build_model(C, method: str = "dueb") -> torch.nn.Module:
+    """The evaluation network of ``method`` (the one that wrote the checkpoint; reference
+    checkpoints are DUEB's) for config C, without pretrained weights."""
+    from furnace.methods import get_method
+    return get_method(method).build_eval_model(C)
+
+
+class MethodModel:
+    """A picklable model factory for spawned evaluation processes: ``build_model(C, method)``."""
+
+    def __init__(self, method: str):
+        self.method = method
+
+    def __call__(self, C) -> torch.nn.Module:
+        return build_model(C, self.method)
+
+
+def checkpoint_method_of(path, trust_pickle: bool = False) -> str:
+    """The method recorded in checkpoint ``path`` (``dueb`` for reference and format-1 files)."""
+    from furnace.engine.checkpoint import checkpoint_method, load_file
+    return checkpoint_method(load_file(path, trust_pickle=trust_pickle))
 
 
 def _identity(x):
     return x
 
 
-def load_checkpoint(model: torch.nn.Module, path) -> Optional[int]:
-    """Load the weights of ``path`` into ``model``; returns the checkpoint's epoch (or None)."""
-    from furnace.engine.checkpoint import load_model_weights
-    ckpt = load_model_weights(model, path)
+def load_checkpoint(model: torch.nn.Module, path, trust_pickle: bool = False) -> Optional[int]:
+    """Load the evaluation weights of ``path`` into ``model`` (the entry the method that wrote
+    it names, ``model`` for DUEB and reference files); returns the checkpoint's epoch (or
+    None). ``trust_pickle``: allow full unpickling (legacy files you trust only)."""
+    from furnace.engine.checkpoint import checkpoint_method, load_file, load_model_weights
+    from furnace.methods import method_names, get_method
+    ckpt = load_file(path, trust_pickle=trust_pickle)
+    name = checkpoint_method(ckpt)
+    key = get_method(name).checkpoint_model_key if name in method_names() else "model"
+    weights = {"model": ckpt[key]} if isinstance(ckpt, dict) and key in ckpt else ckpt
+    load_model_weights(model, path, weights)
     epoch = checkpoint_epoch(path)
     if epoch is None and isinstance(ckpt, dict) and isinstance(ckpt.get("epoch"), int):
         epoch = ckpt["epoch"]
@@ -202,14 +226,15 @@ def evaluate_model(model: torch.nn.Module, C, device: str = "cpu", dataset=None,
 
 
 def _worker(rank: int, C, path: str, device: str, indices: range, save_dir, verbose: bool,
-            threads: int, model_factory, q, uncertainty: bool = False) -> None:
+            threads: int, model_factory, q, uncertainty: bool = False,
+            trust_pickle: bool = False) -> None:
     """Process body for one device: evaluate its shard, report per image and at the end."""
     try:
         torch.set_num_threads(max(1, threads))
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
         model = model_factory(C)
-        epoch = load_checkpoint(model, path)
+        epoch = load_checkpoint(model, path, trust_pickle)
         dataset = build_eval_dataset(C)
 
         def tick(hist):
@@ -241,8 +266,8 @@ def _running_line(hist: np.ndarray) -> str:
 def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[Path] = None,
                         verbose: bool = False, model: Optional[torch.nn.Module] = None,
                         dataset=None, model_factory: Callable = build_model,
-                        uncertainty: Optional[UncertaintyMeter] = None
-                        ) -> Tuple[np.ndarray, Optional[int]]:
+                        uncertainty: Optional[UncertaintyMeter] = None,
+                        trust_pickle: bool = False) -> Tuple[np.ndarray, Optional[int]]:
     """Confusion histogram [C, C] of checkpoint ``path`` over the eval list, and its epoch.
 
     The images are split into contiguous shards of ceil(N / len(devices)) (the reference's
@@ -274,7 +299,7 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
                             args=(rank, C, str(path), dev, idx,
                                   str(save_dir) if save_dir else None, verbose,
                                   threads if dev == "cpu" else 1, model_factory, q,
-                                  uncertainty is not None))
+                                  uncertainty is not None, trust_pickle))
             p.start()
             procs.append((rank, p))
         for rank, dev in enumerate(devices):
@@ -326,7 +351,7 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
     try:
         if procs and devices[0] == "cpu":
             torch.set_num_threads(threads)
-        state["epoch"] = load_checkpoint(model, path)
+        state["epoch"] = load_checkpoint(model, path, trust_pickle)
         hist += evaluate_indices(model, C, dataset, shards[0], devices[0], save_dir, tick,
                                  uncertainty=uncertainty)
         if procs:
@@ -395,21 +420,24 @@ def build_parser(description: str = "Evaluate checkpoints on the validation list
                    help="also measure how well variance, entropy, 1-max softmax and branch "
                         "disagreement find the wrong pixels (AUROC, AUPR) and the softmax "
                         "calibration (ECE, reliability diagram); runs both branches")
-    add_config_arguments(p)
+    from furnace.engine.cli import add_common_arguments
+    add_common_arguments(p)
     return p
 
 
 def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
         verbose: bool = False, save_images: bool = False,
         save_path: Optional[str] = None,
-        model_factory: Callable = build_model,
-        uncertainty: bool = False) -> List[Dict[str, object]]:
+        model_factory: Optional[Callable] = None,
+        uncertainty: bool = False, trust_pickle: bool = False) -> List[Dict[str, object]]:
     """Evaluate the checkpoints of ``epochs`` (see snapshots.resolve_checkpoints) under config C.
 
     Returns one dict per checkpoint: path, epoch, miou, miou_no_back, pixel_acc (fractions in
     [0, 1]), iou (list [C]), hist (int64 [C, C]), text (the result block) and save_dir.
     ``devices``: torch device strings (several: one process each, e.g. ['cpu', 'cpu']).
-    ``model_factory(C)``: builds the network (default :func:`build_model`).
+    ``model_factory(C)``: builds the network (default: the evaluation network of the method
+    recorded in each checkpoint, see :func:`build_model`). ``trust_pickle``: allow legacy
+    checkpoints that need full unpickling (files you trust only).
     ``uncertainty``: add ``uncertainty`` (:meth:`UncertaintyMeter.compute`),
     ``uncertainty_text`` and ``reliability_png`` to each dict, the table to the output and log.
     """
@@ -420,10 +448,16 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
     dataset = build_eval_dataset(C)
     if len(dataset) == 0:
         raise EvalError(f"the eval list {C.eval_source} is empty")
-    model = model_factory(C)
+    auto = model_factory is None
+    model, method = (None, None) if auto else (model_factory(C), None)
     results = []
     for path in paths:
         start = time.time()
+        if auto:  # the checkpoint says which network it holds
+            name = checkpoint_method_of(path, trust_pickle)
+            if name != method:
+                method, model_factory = name, MethodModel(name)
+                model = model_factory(C)
         save_dir = None
         if save_images:
             if save_path is None:
@@ -434,7 +468,8 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
         meter = UncertaintyMeter(C.num_classes, devices[0]) if uncertainty else None
         hist, epoch = evaluate_checkpoint(C, path, devices, save_dir=save_dir,
                                           verbose=verbose, model=model, dataset=dataset,
-                                          model_factory=model_factory, uncertainty=meter)
+                                          model_factory=model_factory, uncertainty=meter,
+                                          trust_pickle=trust_pickle)
         m = compute_metrics(hist)
         text = format_results(m["iou"], m["miou"], m["miou_no_back"], m["pixel_acc"], names)
         extra = {}
@@ -472,10 +507,14 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object
     from furnace.engine.checkpoint import CheckpointError
     try:
         C = load_config(exp_dir, args.overrides)
+        if args.print_config:
+            from furnace.engine.cli import config_lines
+            print("\n".join(config_lines(C)))
+            return []
         devices = parse_devices(args.devices)
         return run(C, args.epochs, devices, verbose=args.verbose,
                    save_images=args.save_images, save_path=args.save_path,
-                   uncertainty=args.uncertainty)
+                   uncertainty=args.uncertainty, trust_pickle=args.trust_pickle)
     except (ConfigError, DataError, CheckpointError, EvalError, FileNotFoundError,
             ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
