@@ -375,3 +375,28 @@ def test_eval_reads_reference_v1_and_our_v2_dueb_checkpoints(voc_root, tmp_path)
     a, b = run(C, str(v1), ["cpu"]), run(C, str(v2), ["cpu"])
     assert np.array_equal(a[0]["hist"], b[0]["hist"]) and a[0]["hist"].sum() > 0
     assert (a[0]["epoch"], b[0]["epoch"]) == (39, 3)
+
+
+def test_help_and_print_config_answer_without_torch():
+    """--help and --print-config (resolved keys with derived values) never import torch, so
+    they answer in well under a second."""
+    script = ROOT / "exp_voc" / "train.py"
+    code = ("import runpy, sys\n"
+            "sys.argv = [{s!r}] + sys.argv[1:]\n"
+            "try:\n"
+            "    runpy.run_path({s!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n").format(s=str(script))
+    out = subprocess.run([sys.executable, "-c", code, "--print-config", "--set", "nepochs=7",
+                          "labeled_ratio=8"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "# method: dueb" and lines[-1] == "NO-TORCH"
+    assert "nepochs = 7" in lines and "niters_per_epoch = 1157" in lines
+    assert "dueb.aleatoric.enabled = True" in lines and "aleatoric.enabled = True" in lines
+    assert any(l.startswith("train_source = ") and "1-8.txt" in l for l in lines)
+    out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--print-config" in out.stdout and "--trust-pickle" in \
+        out.stdout and out.stdout.rstrip().endswith("NO-TORCH")

@@ -91,16 +91,16 @@ def script_preset(method: Optional[str], preset: Optional[str], aleatoric: Optio
 
     ``method``/``preset``: a registered method and one of its presets. The legacy switches
     (``aleatoric=``, ``energy=``, ``supervised_only=``) still work and map to DUEB's keys."""
-    from ..methods import get_method
+    from ..methods.presets import presets_of
     out = []
     if method is not None:
         out.append(f"method={method}")
         if preset is not None:
-            cls = get_method(method)
-            if preset not in cls.presets:
+            presets = presets_of(method)
+            if preset not in presets:
                 raise ConfigError(f"method '{method}' has no preset '{preset}'; known: "
-                                  f"{', '.join(sorted(cls.presets)) or 'none'}")
-            out += list(cls.presets[preset])
+                                  f"{', '.join(sorted(presets)) or 'none'}")
+            out += list(presets[preset])
     if aleatoric is not None:
         out.append(f"dueb.aleatoric.enabled={aleatoric}")
     if energy is not None:
@@ -130,10 +130,6 @@ def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[s
         supervised_only = False
     os.environ.setdefault("MASTER_PORT", str(args.port))
 
-    from ..data import DataError
-    from .checkpoint import CheckpointError
-    from .dist import cleanup, setup
-    from .trainer import NonFiniteLossError, TrainingInterrupted, train
     try:
         logging.basicConfig(level=engine_log_level(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -144,21 +140,36 @@ def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[s
                         preset=script_preset(method, preset, aleatoric, energy,
                                              supervised_only))
         if args.print_config:
-            from ..methods import method_name
+            from ..methods.presets import method_name
             print(f"# method: {method_name(C)}")
             print("\n".join(config_lines(C)))
             return 0
+        from .dist import cleanup, setup
+        from .trainer import train
         resume = resolve_resume(args.continue_fpath, C.snapshot_dir)
         info = setup(args.devices, args.local_rank)
         try:
             train(C, info, resume, trust_pickle=args.trust_pickle)
         finally:
             cleanup()
-    except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NonFiniteLossError,
-            ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        # the run's own exception types live in modules that import torch; look them up
+        # only when something was raised
+        interrupted = sys.modules.get("furnace.engine.trainer")
+        if interrupted is not None and isinstance(e, interrupted.TrainingInterrupted):
+            print(str(e), file=sys.stderr)
+            sys.exit(128 + e.signum)
+        if _user_error(e):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
     return 0
+
+
+def _user_error(e: BaseException) -> bool:
+    """Errors a user can fix (printed as one line): config, data, checkpoint, run guard,
+    missing files, NaN losses and other ValueErrors."""
+    if isinstance(e, (ConfigError, FileNotFoundError, ValueError)):
+        return True
+    trainer = sys.modules.get("furnace.engine.trainer")
+    return trainer is not None and isinstance(e, trainer.NonFiniteLossError)

@@ -26,6 +26,7 @@ from ..losses import AleatoricLoss, energy_term, pseudo_labels, unsup_ce
 from ..models import network_from_config
 from .base import STREAMS, Method, MethodContext, upcast
 from .common import IGNORE, make_sgd, sup_criterion
+from .presets import BUILTIN_PRESETS
 from .registry import register
 
 # Log-line layout of REFERENCE 1.8, with balanced brackets.
@@ -192,11 +193,6 @@ def make_optimizer(branch: torch.nn.Module, C: Config) -> torch.optim.SGD:
     return make_sgd(branch, C, learn_variance=options(C)[0].learn_variance)
 
 
-def _switches(aleatoric: bool, energy: bool):
-    return [f"dueb.aleatoric.enabled={aleatoric}", f"dueb.energy.enabled={energy}",
-            "supervised_only=False"]
-
-
 @register
 class DUEB(Method):
     """The dual-branch DUEB method (and CPCL with both switches off).
@@ -207,8 +203,7 @@ class DUEB(Method):
 
     name = "dueb"
     streams = STREAMS
-    presets = {"full": _switches(True, True), "aleatoric": _switches(True, False),
-               "energy": _switches(False, True), "cpcl": _switches(False, False)}
+    presets = BUILTIN_PRESETS["dueb"]
 
     def __init__(self, C: Config, ctx: MethodContext):
         super().__init__(C, ctx)

@@ -5,6 +5,7 @@ from typing import Callable, Dict, List, Optional, Type
 
 from ..config import ConfigError
 from .base import STREAMS, Method
+from .presets import method_name  # noqa: F401  (re-exported)
 
 _REGISTRY: Dict[str, Type[Method]] = {}
 
@@ -30,23 +31,21 @@ def register(cls: Optional[Type[Method]] = None, *, name: Optional[str] = None,
     return deco(cls) if cls is not None else deco
 
 
+def _builtins() -> None:
+    """Register the built-in methods (imported on first need, they import torch)."""
+    from . import dueb, supervised  # noqa: F401
+
+
 def method_names() -> List[str]:
+    _builtins()
     return sorted(_REGISTRY)
 
 
 def get_method(name: str) -> Type[Method]:
     """The registered class for ``name``; ConfigError naming the known methods otherwise."""
+    _builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"config key 'method' is {name!r}, which is not a registered method; "
                           f"known: {', '.join(method_names())}") from None
-
-
-def method_name(C) -> str:
-    """The method a config asks for. The legacy switch ``supervised_only=True`` (kept for old
-    configs and scripts) selects the ``supervised`` method when ``method`` is ``dueb``."""
-    name = C.get("method", "dueb")
-    if name == "dueb" and C.get("supervised_only"):
-        return "supervised"
-    return name
