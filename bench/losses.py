@@ -33,8 +33,8 @@ included).  That is the CPU analogue of ``torch.cuda.max_memory_allocated``.
 Threads: one table per thread count (``--threads``, default 1 and torch's default, i.e. all
 cores); both sides always use the same count.  torch's own ``normal_`` is scalar and
 single-threaded on CPU (the literal's draws stay serial at any count); ours come from
-``furnace.losses.noise``: a compiled, vectorised Box-Muller (the backend is printed; torch's
-``normal_`` where no C compiler is found) filled in fixed chunks on all threads.
+``furnace.losses.noise``: torch's ``normal_`` filled in fixed, separately seeded chunks on all
+threads.
 
 Run: ``python bench/losses.py [--repeat N] [--threads N [N ...]]``.
 """
@@ -57,7 +57,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from furnace.losses import (CITYSCAPES_CLASS_WEIGHTS, AleatoricLoss, OhemCrossEntropy,  # noqa: E402
-                            energy_term, noise, pseudo_labels, unsup_ce)
+                            energy_term, pseudo_labels, unsup_ce)
 from literal import (LiteralOhem, literal_aleatoric, literal_energy,  # noqa: E402
                      literal_pseudo, literal_unsup_ce)
 
@@ -202,8 +202,7 @@ def run_table(threads: int, repeat: int) -> None:
                      m_o / 2**20, m_l / 2**20))
 
     print(f"losses, CPU ({threads} thread{'s' if threads > 1 else ''}), B=2 C=19 256x256 "
-          f"float32, T=10, fwd+bwd, median of {repeat}; torch {torch.__version__}; "
-          f"noise backend {noise.backend()}")
+          f"float32, T=10, fwd+bwd, median of {repeat}; torch {torch.__version__}")
     print(f"{'loss':<13} {'ours ms':>9} {'literal ms':>11} {'speedup':>8} "
           f"{'ours MiB':>9} {'literal MiB':>12} {'mem ratio':>10}")
     for name, to, tl, mo, ml in rows:

@@ -10,8 +10,8 @@ second pass over the noise in backward.  The noise has the reference's distribut
 from torch's generator (reproducible under ``torch.manual_seed`` or a ``generator``), but not
 its stream: on CPU only the non-ignored pixels get noise.  On CPU the T normal draws are a
 large share of the time (for the reference, mt19937 + Box-Muller inside torch's ``normal_``,
-the largest); ours go through :func:`furnace.losses.noise.normal_`, a compiled, vectorised
-Box-Muller filled on all threads (torch's ``normal_`` where no C compiler is available).
+the largest); ours go through :func:`furnace.losses.noise.normal_`, torch's ``normal_`` in
+fixed, separately seeded chunks filled on all threads.
 """
 from __future__ import annotations
 
@@ -306,8 +306,8 @@ class AleatoricLoss(nn.Module):
 
     Random draws: the reference's ``Normal(0, sigma).sample((C,))`` is replaced by
     ``sigma * eps`` with eps from :func:`furnace.losses.noise.normal_` on CPU (seeds drawn from
-    torch's generator: the global one, or ``generator``; the C backend or torch's ``normal_``,
-    see that module) and ``normal_()`` on other devices, so runs are reproducible under
+    torch's generator: the global one, or ``generator``; chunked torch ``normal_``, see that
+    module) and ``normal_()`` on other devices, so runs are reproducible under
     ``torch.manual_seed`` whatever the thread count; the distribution is the reference's
     (i.i.d. N(0, sigma^2) per class, pixel and sample), the stream is not: on CPU only
     non-ignored pixels are drawn (their noise cannot affect the value or the gradient) and the
