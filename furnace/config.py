@@ -324,10 +324,22 @@ def finalize(C: Config, exp_dir: Optional[os.PathLike] = None) -> Config:
         C.train_source = f"{C.split_dir}/train_aug_labeled_1-{ratio}.txt"
     if C.unsup_source is None:
         C.unsup_source = f"{C.split_dir}/train_aug_unlabeled_1-{ratio}.txt"
+    # image counts from the list files when they exist (the config's totals otherwise)
+    listed = _list_counts(C)
+    from_total = (C.total_train_imgs // ratio,
+                  C.total_train_imgs - C.total_train_imgs // ratio)
+    if listed is not None and listed != from_total and (C.num_train_imgs is None
+                                                         or C.num_unsup_imgs is None):
+        logging.getLogger("furnace.config").warning(
+            "the list files hold %d labelled and %d unlabelled images (%s, %s) but "
+            "total_train_imgs=%d at labeled_ratio=%d gives %d and %d; using the list counts "
+            "(set num_train_imgs / num_unsup_imgs to choose)", listed[0], listed[1],
+            C.train_source, C.unsup_source, C.total_train_imgs, ratio, *from_total)
+    counts = listed if listed is not None else from_total
     if C.num_train_imgs is None:
-        C.num_train_imgs = C.total_train_imgs // ratio
+        C.num_train_imgs = counts[0]
     if C.num_unsup_imgs is None:
-        C.num_unsup_imgs = C.total_train_imgs - C.num_train_imgs
+        C.num_unsup_imgs = counts[1]
     if C.max_samples is None:
         C.max_samples = max(C.num_train_imgs, C.num_unsup_imgs)
     if C.niters_per_epoch is None:
@@ -469,6 +481,22 @@ def engine_log_level(env: Optional[Mapping[str, str]] = None) -> int:
         return getattr(logging, text.upper())
     raise ConfigError(f"ENGINE_LOGGING_LEVEL={text!r} is not a logging level; use one of "
                       f"{', '.join(_LEVELS)} (or unset it)")
+
+
+def _list_counts(C: Config) -> Optional[tuple]:
+    """(labelled, unlabelled) entries (non-blank lines) of the train lists, or None when
+    either list file is missing or unreadable (the data layer reports that later)."""
+    counts = []
+    for source in (C.train_source, C.unsup_source):
+        path = Path(source)
+        if not path.is_absolute():
+            path = Path(C.dataset_path) / source
+        try:
+            with open(path, encoding="utf-8-sig") as f:
+                counts.append(sum(1 for line in f if line.strip()))
+        except (OSError, UnicodeDecodeError):
+            return None
+    return tuple(counts)
 
 
 def _unnest(path: str, probe: str) -> str:

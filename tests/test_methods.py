@@ -400,3 +400,23 @@ def test_help_and_print_config_answer_without_torch():
                          text=True, timeout=60)
     assert out.returncode == 0 and "--print-config" in out.stdout and "--trust-pickle" in \
         out.stdout and out.stdout.rstrip().endswith("NO-TORCH")
+
+
+def test_epoch_size_comes_from_the_list_files(tmp_path, caplog):
+    """A 16-image VOC-layout list under the VOC config: 8 + 8 images, 1 iteration per epoch
+    at batch 8 (the totals of config.py would give 661), and one warning naming both."""
+    root = make_voc(tmp_path / "voc", n_train=16, n_val=2, ratios=(2,))
+    with caplog.at_level("WARNING", logger="furnace.config"):
+        C = load_config(ROOT / "exp_voc", [f"dataset_path={root}", "labeled_ratio=2"], env={})
+    assert (C.num_train_imgs, C.num_unsup_imgs, C.max_samples) == (8, 8, 8)
+    assert C.niters_per_epoch == 1
+    warns = [r.getMessage() for r in caplog.records if r.name == "furnace.config"]
+    assert len(warns) == 1 and "8 labelled and 8 unlabelled" in warns[0]
+    assert "total_train_imgs=10582" in warns[0] and "5291" in warns[0]
+    # lists that agree with the totals, or no lists at all: the totals, no warning
+    caplog.clear()
+    C = load_config(ROOT / "exp_voc", [f"dataset_path={root}", "labeled_ratio=2",
+                                       "total_train_imgs=16"], env={})
+    assert C.niters_per_epoch == 1 and not caplog.records
+    C = load_config(ROOT / "exp_voc", [f"dataset_path={tmp_path / 'none'}"], env={})
+    assert (C.num_train_imgs, C.niters_per_epoch) == (2645, 992) and not caplog.records
