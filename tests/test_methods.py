@@ -420,3 +420,16 @@ def test_epoch_size_comes_from_the_list_files(tmp_path, caplog):
     assert C.niters_per_epoch == 1 and not caplog.records
     C = load_config(ROOT / "exp_voc", [f"dataset_path={tmp_path / 'none'}"], env={})
     assert (C.num_train_imgs, C.niters_per_epoch) == (2645, 992) and not caplog.records
+
+
+def test_bn_eps_and_momentum_reach_every_batchnorm():
+    from furnace.methods.supervised import one_branch_from_config
+    from furnace.models import network_from_config
+    C = load_config(ROOT / "exp_voc", ["backbone=resnet18", "pretrained_model=none",
+                                       "bn_eps=1e-3", "bn_momentum=0.05"], env={})
+    for net in (network_from_config(C), one_branch_from_config(C)):
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert len(bns) > 20 and all(m.eps == 1e-3 and m.momentum == 0.05 for m in bns)
+    C = load_config(ROOT / "exp_voc", ["backbone=resnet18", "pretrained_model=none"], env={})
+    assert all(m.eps == 1e-5 and m.momentum == 0.1 for m in network_from_config(C).modules()
+               if isinstance(m, torch.nn.BatchNorm2d))

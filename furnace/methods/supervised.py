@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import Config
 from ..models import SingleNetwork
+from ..models.network import norm_from_config
 from .base import Method, MethodContext, upcast
 from .common import make_sgd, sup_criterion
 from .registry import register
@@ -47,7 +48,8 @@ def one_branch_from_config(C: Config, pretrained: bool = True) -> OneBranchNetwo
     return OneBranchNetwork(SingleNetwork(
         C.num_classes, C.backbone, C.output_stride, stem=C.stem,
         pretrained=C.pretrained_model if pretrained else None,
-        pretrained_strict=C.pretrained_strict, head_channels=C.head_channels))
+        pretrained_strict=C.pretrained_strict, head_channels=C.head_channels,
+        norm_layer=norm_from_config(C)))
 
 
 @register

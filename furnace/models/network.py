@@ -6,6 +6,7 @@ State-dict keys equal the reference (``branch1.backbone.conv1.0.weight``, ...,
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple, Union
 
@@ -207,13 +208,23 @@ def build_network(num_classes: int, backbone: str = "resnet50", output_stride: i
     return DualBranchNetwork(branch1, branch2, eval_branch=eval_branch)
 
 
+def norm_from_config(C):
+    """BatchNorm2d with the config's ``bn_eps`` and ``bn_momentum`` (the reference's 1e-5 and
+    0.1 are torch's defaults), for backbone and head alike as the reference."""
+    eps, momentum = C.get("bn_eps", 1e-5), C.get("bn_momentum", 0.1)
+    if eps == 1e-5 and momentum == 0.1:
+        return nn.BatchNorm2d
+    return functools.partial(nn.BatchNorm2d, eps=eps, momentum=momentum)
+
+
 def network_from_config(C, pretrained: bool = True) -> "DualBranchNetwork":
     """The dual-branch network an experiment config describes (keys ``num_classes``,
     ``backbone``, ``output_stride``, ``stem``, ``eval_branch``, ``aleatoric.learn_variance``,
-    ``pretrained_model``, ``pretrained_strict``, ``head_channels``). ``pretrained=False`` skips the ImageNet
+    ``pretrained_model``, ``pretrained_strict``, ``head_channels``, ``bn_eps``,
+    ``bn_momentum``). ``pretrained=False`` skips the ImageNet
     weights (evaluation loads a checkpoint over them anyway)."""
     return build_network(C.num_classes, C.backbone, C.output_stride,
                          C.pretrained_model if pretrained else None, stem=C.stem,
                          eval_branch=C.eval_branch, learn_variance=C.aleatoric.learn_variance,
                          pretrained_strict=C.pretrained_strict,
-                         head_channels=C.head_channels)
+                         head_channels=C.head_channels, norm_layer=norm_from_config(C))
