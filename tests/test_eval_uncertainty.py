@@ -181,6 +181,26 @@ def test_perfect_random_and_inverted_scorers():
     assert res["error_rate"] == pytest.approx(0.75, abs=0.01)
 
 
+def test_near_uniform_softmax_keeps_its_resolution():
+    """An untrained net's softmax is near uniform: entropy within 1e-3 of log C. Bins equal
+    in log(x) would put every pixel in one bin; log(x / (bound - x)) keeps them apart."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, 6, 100, 200, generator=g) * 0.03
+    label = torch.randint(0, 6, (1, 100, 200), generator=g)
+    m = UncertaintyMeter(6)
+    m.update(logits, None, label, logits + 0.01 * torch.randn(logits.shape, generator=g))
+    res = m.compute()
+    x = logits[0].reshape(6, -1).numpy()
+    ent, msp, _, _ = exact_scores(x, x, x.argmax(0))
+    assert np.log(6) - ent.min() < 2e-3
+    wrong = x.argmax(0) != label.reshape(-1).numpy()
+    for name, exact in (("entropy", ent), ("1-msp", msp)):
+        s = res["scores"][name]
+        assert s["auroc_err"] < 2e-3 and s["aupr_err"] < 2e-3, (name, s)
+        assert abs(s["auroc"] - exact_auroc(exact, wrong)) <= s["auroc_err"] + 1e-9
+    assert res["scores"]["disagreement"]["auroc_err"] < 2e-3
+
+
 def test_ece_by_hand_and_reliability_bins():
     # p(class 0) = 0.9 everywhere (logit gap log(9 * 3) over 3 equal others), 70 % correct
     gap = np.log(0.9 / (0.1 / 3))
@@ -310,10 +330,11 @@ def test_eval_cli_uncertainty_one_and_two_processes(voc_exp, tmp_path):  # noqa:
     assert one["uncertainty_text"] in log
     png = tmp_path / "log" / "reliability" / "epoch-last.png"
     assert one["reliability_png"] == str(png) and png.stat().st_size > 1000
-    # validation inside training gives the same numbers
+    # validation inside training gives the same numbers (same memory format as eval.py:
+    # the last float32 bits of the logits depend on it, and can move a pixel across a bin)
     model = tiny_factory(C)
     model.load_state_dict(torch.load(tmp_path / "snap" / "epoch-last.pth")["model"])
-    m = cli.evaluate_model(model, C, "cpu", uncertainty=True)
+    m = cli.evaluate_model(model, C, "cpu", uncertainty=True, channels_last=True)
     assert m["uncertainty"]["scores"] == u1["scores"]
 
 

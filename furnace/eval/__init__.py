@@ -8,19 +8,26 @@ Public API::
     confusion_histogram(pred, label, num_classes) -> int64 [C, C]
     ConfusionMatrix(num_classes, device), compute_metrics(hist), format_results(...)
     resolve_checkpoints(spec, snapshot_dir) -> [Path]
-    colorize(label, palette), make_composite(image, pred, label, palette, var=None)
+    colorize(label, palette), make_composite(image, pred, label, palette, var=None,
+                                             errors=False)
+    UncertaintyMeter(num_classes, device).update(logits, var, label, logits2=None)
+        .compute() -> AUROC/AUPR of error detection per score, ECE, reliability bins
+    format_uncertainty(result), save_reliability_diagram(result, path)
     furnace.eval.cli.main(exp_dir, argv=None) -> [result dict]   (the eval.py command line)
     furnace.eval.cli.run(C, epochs, devices, ...) -> [result dict]
-    furnace.eval.cli.evaluate_model(model, C, device) -> metrics dict (validation in training)
+    furnace.eval.cli.evaluate_model(model, C, device, uncertainty=False) -> metrics dict
+        (validation in training)
 """
 from .evaluator import Prediction, SegEvaluator, WindowGrid, normalization_lut, sliding_windows
 from .metrics import ConfusionMatrix, compute_metrics, confusion_histogram, format_results
 from .snapshots import available_epochs, checkpoint_epoch, resolve_checkpoints
-from .visualize import colorize, get_palette, make_composite, variance_to_color
+from .uncertainty import UncertaintyMeter, format_uncertainty, save_reliability_diagram
+from .visualize import colorize, error_to_color, get_palette, make_composite, variance_to_color
 
 __all__ = [
-    "ConfusionMatrix", "Prediction", "SegEvaluator", "WindowGrid", "available_epochs",
-    "checkpoint_epoch", "colorize", "compute_metrics", "confusion_histogram", "format_results",
+    "ConfusionMatrix", "Prediction", "SegEvaluator", "UncertaintyMeter", "WindowGrid",
+    "available_epochs", "checkpoint_epoch", "colorize", "compute_metrics",
+    "confusion_histogram", "error_to_color", "format_results", "format_uncertainty",
     "get_palette", "make_composite", "normalization_lut", "resolve_checkpoints",
-    "sliding_windows", "variance_to_color",
+    "save_reliability_diagram", "sliding_windows", "variance_to_color",
 ]

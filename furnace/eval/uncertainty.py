@@ -30,12 +30,15 @@ so memory does not grow with the dataset. Histograms add: :meth:`UncertaintyMete
 (states sent from other processes, as eval.py's per-device workers do) and
 :meth:`UncertaintyMeter.all_reduce` (a torch.distributed sum, for DDP validation).
 
-Binning: scores of unbounded or wide range are binned on a log scale over a range fixed up
-front (:data:`DEFAULT_RANGES`; values below the range fall in the first bin, above it in the
-last): 16384 bins per score, 0.44 % relative bin width over the 31 decades of the softmax
-scores. AUROC and AUPR are exact for the binned scores; against the unbinned scores only the order of
-a correct and a wrong pixel in the *same* bin is lost, and :meth:`UncertaintyMeter.compute`
-returns the worst case of that error: for AUROC ``0.5 * sum_b wrong_b * correct_b / (P * N)``,
+Binning: 16384 bins per score over a range fixed up front (:data:`DEFAULT_RANGES`; values
+outside fall in the end bins). The variance, unbounded above, is binned in log(x) over
+[1e-12, 1e8] (0.28 % relative bin width); the bounded scores (entropy <= log C, 1-msp <=
+1 - 1/C, JS <= log 2) in log(x / (bound - x)), equally fine next to 0 and next to the bound
+(a near-uniform softmax piles up there): 0.5 % relative width of x and of bound - x, from 1e-30
+to 1e-7 of the bound (float32 resolution). AUROC and AUPR are exact for the binned scores;
+against the unbinned scores only the order of a correct and a wrong pixel in the *same* bin
+is lost, and :meth:`UncertaintyMeter.compute` returns the worst case of that error: for
+AUROC ``0.5 * sum_b wrong_b * correct_b / (P * N)``,
 for AUPR the spread between every bin's best and worst inner ordering. Pixels piled in an end
 bin (e.g. softmax scores below 1e-30 where float32 exp underflows) show up in that bound.
 Scores are computed in float32 with cancellation-free formulas (1 - p and the entropy from
@@ -53,13 +56,16 @@ import torch
 SCORES = ("variance", "entropy", "1-msp", "disagreement")
 ECE_BINS = 15
 DEFAULT_BINS = 16384
-# (low, high) of the log-spaced bins per score; None: high is the score's bound for C classes
+# (low, high) of the bins per score; None: high is the score's bound for C classes
 DEFAULT_RANGES: Dict[str, Tuple[float, Optional[float]]] = {
     "variance": (1e-12, 1e8),
     "entropy": (1e-30, None),          # log C
-    "1-msp": (1e-30, 1.0),
+    "1-msp": (1e-30, None),            # 1 - 1/C
     "disagreement": (1e-30, math.log(2.0)),
 }
+# 'log': bins equal in log(x); 'logit': equal in log(x / (high - x)), for bounded scores
+BIN_SCALES = {"variance": "log", "entropy": "logit", "1-msp": "logit", "disagreement": "logit"}
+TOP_GAP = 1e-7                         # logit scale: high - x below TOP_GAP * high is one bin
 CHUNK = 1 << 18                        # pixels per step: bounds the temporaries ([C, CHUNK])
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -105,7 +111,7 @@ def js_divergence(logits1: torch.Tensor, logits2: torch.Tensor) -> torch.Tensor:
     return js.clamp_min(0.0)
 
 
-# ----------------------------------------------------------------------------- exact-to-bins metrics
+# ----------------------------------------------------------------------------- metrics
 
 def binned_auroc(correct: ArrayLike, wrong: ArrayLike) -> Tuple[float, float]:
     """AUROC of error detection from per-bin counts (bins in ascending score order).
@@ -174,9 +180,9 @@ def expected_calibration_error(count: ArrayLike, correct: ArrayLike,
 class UncertaintyMeter:
     """Running histograms for error detection and calibration (kept on ``device``).
 
-    num_classes: C. bins: log-spaced bins per score. ranges: {score: (low, high)} overriding
-    :data:`DEFAULT_RANGES` (``high`` None = the score's bound). Labels outside [0, C) (the
-    ignore label 255) are left out.
+    num_classes: C. bins: bins per score (scales: :data:`BIN_SCALES`). ranges: {score: (low,
+    high)} overriding :data:`DEFAULT_RANGES` (``high`` None = the score's bound). Labels
+    outside [0, C) (the ignore label 255) are left out.
 
     ``update(logits, var, label, logits2=None, pred=None, logits1=None)`` adds images;
     ``compute()`` gives the numbers; ``merge(state)`` / ``all_reduce()`` sum other processes'
@@ -193,7 +199,7 @@ class UncertaintyMeter:
         self.num_classes = int(num_classes)
         self.bins = int(bins)
         self.device = torch.device(device)
-        bound = {"entropy": math.log(self.num_classes)}
+        bound = {"entropy": math.log(self.num_classes), "1-msp": 1.0 - 1.0 / self.num_classes}
         self.ranges: Dict[str, Tuple[float, float]] = {}
         for name in SCORES:
             lo, hi = (ranges or {}).get(name, DEFAULT_RANGES[name])
@@ -211,11 +217,15 @@ class UncertaintyMeter:
     # -- accumulation --------------------------------------------------------------------
 
     def _bin(self, name: str, score: torch.Tensor) -> torch.Tensor:
-        """Log-spaced bin index in [0, bins) of scores (NaN goes to the top bin)."""
+        """Bin index in [0, bins) of scores (NaN goes to the top bin), see BIN_SCALES."""
         lo, hi = self.ranges[name]
-        llo, lhi = math.log(lo), math.log(hi)
         s = torch.nan_to_num(score.float(), nan=hi, posinf=hi).clamp(lo, hi)
-        idx = ((s.log() - llo) * (self.bins / (lhi - llo))).floor().long()
+        if BIN_SCALES[name] == "log":
+            t, tlo, thi = s.log(), math.log(lo), math.log(hi)
+        else:  # hi - s is exact in float32 (Sterbenz), so the top end keeps its resolution
+            t = s.log() - (hi - s).clamp_min(hi * TOP_GAP).log()
+            tlo, thi = math.log(lo) - math.log(hi - lo), -math.log(TOP_GAP)
+        idx = ((t - tlo) * (self.bins / (thi - tlo))).floor().long()
         return idx.clamp_(0, self.bins - 1)
 
     def _add(self, name: str, score: torch.Tensor, wrong: torch.Tensor) -> None:
