@@ -433,3 +433,14 @@ def test_bn_eps_and_momentum_reach_every_batchnorm():
     C = load_config(ROOT / "exp_voc", ["backbone=resnet18", "pretrained_model=none"], env={})
     assert all(m.eps == 1e-5 and m.momentum == 0.1 for m in network_from_config(C).modules()
                if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_legacy_environment_overrides_are_logged(caplog):
+    from furnace.engine.cli import log_legacy_env
+    with caplog.at_level("WARNING", logger="furnace.config"):
+        log_legacy_env({"learning_rate": "0.01", "volna": "/data", "PATH": "/bin",
+                        "batch_size": ""})
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2
+    assert msgs[0].startswith("environment volna=/data sets the data root")
+    assert msgs[1].startswith("environment learning_rate=0.01 sets lr")

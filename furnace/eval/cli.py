@@ -506,6 +506,8 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object
     args = build_parser().parse_args(argv)
     from furnace.engine.checkpoint import CheckpointError
     try:
+        from furnace.engine.cli import log_legacy_env
+        log_legacy_env()
         C = load_config(exp_dir, args.overrides)
         if args.print_config:
             from furnace.engine.cli import config_lines
