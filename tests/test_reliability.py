@@ -330,3 +330,6 @@ def test_symlink_loops_are_named(tmp_path):
     with pytest.raises(DataError, match="list file .*loop/val.txt is in a symlink loop"):
         from furnace.data import read_list_file
         read_list_file(str(loop / "val.txt"))
+    # a file given as the dataset folder is named as such, not "not found"
+    with pytest.raises(DataError, match="val.txt is a file, not a folder"):
+        VOCDataset(str(voc / "val.txt"), str(voc / "val.txt"), "eval")

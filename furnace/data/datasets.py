@@ -151,6 +151,9 @@ def check_root(root: str, layout: str) -> str:
     problem = _path_problem(root)
     if problem and problem != "is a folder, not a file":
         raise DataError(f"dataset folder {root} {problem}")
+    if os.path.isfile(root):
+        raise DataError(f"dataset_path {root} is a file, not a folder; set dataset_path to the "
+                        f"dataset folder (see DATA/README.md)")
     if not os.path.isdir(root):
         hint = ("train_aug/{image,label}/, val/{image,label}/, val.txt, subset_train_aug/"
                 if layout == "voc" else "images/, segmentation/, config_new/")

@@ -81,7 +81,10 @@ class SnapshotLock:
             except OSError as e:
                 os.close(fd)
                 if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise
+                    # a file system without locks (some network mounts): run unguarded
+                    logger.warning("cannot lock snapshot folder %s (%s); a second training on "
+                                   "it would not be detected", self.folder, e.strerror or e)
+                    return self
                 raise self._busy(self._read()) from None
             # the holder may have removed the file between our open and lock: retry on the
             # file now at that path, else two runs would hold locks on different files
