@@ -63,6 +63,14 @@ def amp_dtype(C: Config, device: torch.device) -> Optional[torch.dtype]:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
+def grad_scaler(device: torch.device, enabled: bool):
+    """The AMP loss scaler (used with fp16 only); ``torch.amp.GradScaler`` takes the device
+    from torch 2.3 on, older releases have the CUDA one only."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
+
+
 def should_save(C: Config, epoch: int) -> bool:
     """The reference schedule: after epoch e if e > nepochs//6 and e % snapshot_iter == 0,
     and always after the last epoch (``snapshot_from`` replaces nepochs//6 when set)."""
@@ -233,7 +241,7 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
                         prepare=lambda m: _prepare(m, info, device))
     method = cls(C, ctx)
     optimizers = list(method.optimizers.values())
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    scaler = grad_scaler(device, enabled=amp is torch.float16)
     # independent aleatoric noise and augmentation per rank
     seed_everything(C.seed + info.rank)
 
