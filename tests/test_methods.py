@@ -71,7 +71,10 @@ class TinyMeanTeacher(Method):
         if KILL["at"] == iteration:
             if KILL["how"] == "crash":
                 raise RuntimeError("simulated crash")
-            os.kill(os.getpid(), signal.SIGTERM)
+            if KILL["how"] == "nan":
+                sup = sup * float("nan")
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
         return loss.detach(), {"loss": loss.detach(), "sup term": sup.detach(),
                                "cons": cons.detach()}, {}
 
@@ -246,6 +249,24 @@ def test_supervised_method_uses_one_network_and_the_labelled_stream(voc_root, tm
     assert state["method"] == "supervised" and "optimizer" in state
     assert "optimizer_1" not in state
     assert state["model"] and all(k.startswith("branch1.") for k in state["model"])
+    from furnace.eval.cli import run
+    res = run(C, "last", ["cpu"])                       # eval.py builds the one-branch network
+    assert res[0]["hist"].sum() > 0
+
+
+def test_nan_stop_is_recorded_in_the_log(voc_root, tmp_path):
+    from furnace.engine.trainer import NonFiniteLossError
+    C = _config(voc_root, tmp_path / "log", ["method=tiny_test", "nepochs=2",
+                                             "niters_per_epoch=2"])
+    KILL.update(at=3, how="nan")
+    try:
+        with pytest.raises(NonFiniteLossError, match="'sup term' is nan at epoch 1 iteration 1"):
+            train(C, DistInfo())
+    finally:
+        KILL.update(at=None, how="sigterm")
+    log = next((tmp_path / "log").glob("train_*.log")).read_text()
+    assert log.rstrip().endswith("# stopped: NaN")
+    assert ck.load_file(tmp_path / "log" / "snapshot" / "epoch-last.pth")["epoch"] == 0
 
 
 def test_precision_follows_the_model():
