@@ -171,8 +171,10 @@ def training_state(method, *, epoch: int, iteration: int, global_iteration: int,
 
 
 def checkpoint_method(ckpt: Mapping[str, Any]) -> str:
-    """The method that wrote ``ckpt`` (format 1, the reference's and ours before: dueb)."""
-    return str(ckpt.get("method", "dueb")) if isinstance(ckpt, Mapping) else "dueb"
+    """The method that wrote ``ckpt`` (format 1, the reference's and ours before: DUEB)."""
+    from ..methods.presets import FORMAT1_METHOD
+    return str(ckpt.get("method", FORMAT1_METHOD)) if isinstance(ckpt, Mapping) \
+        else FORMAT1_METHOD
 
 
 def restore_training(method, ckpt: Mapping[str, Any], path: os.PathLike, scaler=None,

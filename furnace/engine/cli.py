@@ -87,27 +87,10 @@ def resolve_resume(spec: Optional[str], snapshot_dir: str) -> Optional[str]:
 
 def script_preset(method: Optional[str], preset: Optional[str], aleatoric: Optional[bool],
                   energy: Optional[bool], supervised_only: Optional[bool]) -> list:
-    """The key=value strings a train script applies before the environment and --set.
-
-    ``method``/``preset``: a registered method and one of its presets. The legacy switches
-    (``aleatoric=``, ``energy=``, ``supervised_only=``) still work and map to DUEB's keys."""
-    from ..methods.presets import presets_of
-    out = []
-    if method is not None:
-        out.append(f"method={method}")
-        if preset is not None:
-            presets = presets_of(method)
-            if preset not in presets:
-                raise ConfigError(f"method '{method}' has no preset '{preset}'; known: "
-                                  f"{', '.join(sorted(presets)) or 'none'}")
-            out += list(presets[preset])
-    if aleatoric is not None:
-        out.append(f"dueb.aleatoric.enabled={aleatoric}")
-    if energy is not None:
-        out.append(f"dueb.energy.enabled={energy}")
-    if supervised_only is not None:
-        out.append(f"supervised_only={supervised_only}")
-    return out
+    """The key=value strings a train script applies before the environment and --set (see
+    :func:`furnace.methods.presets.script_overrides`)."""
+    from ..methods.presets import script_overrides
+    return script_overrides(method, preset, aleatoric, energy, supervised_only)
 
 
 def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[str] = None,
@@ -122,12 +105,6 @@ def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[s
     ``supervised_only=`` switches of older scripts are still accepted.
     """
     args = build_parser(description).parse_args(argv)
-    if method is None and preset is None and aleatoric is None and energy is None:
-        method, preset = "dueb", "full"
-    elif method is None and (aleatoric is not None or energy is not None):
-        method = "dueb"
-    if supervised_only is None and method == "dueb":
-        supervised_only = False
     os.environ.setdefault("MASTER_PORT", str(args.port))
 
     try:

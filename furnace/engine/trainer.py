@@ -28,7 +28,6 @@ from ..config import Config
 from ..data import TrainLoaders
 from ..data.demo import prepare_from_config
 from ..methods import STREAMS, MethodContext, get_method, method_name
-from ..methods.dueb import DUEBStep, make_optimizer  # noqa: F401  (public names kept here)
 from . import checkpoint as ckpt_io
 from .dist import (DistInfo, average_gradients, broadcast_module, max_rank_divergence,
                    reduce_mean)
@@ -39,7 +38,14 @@ from .syncbn import convert_sync_batchnorm
 
 logger = logging.getLogger("furnace.engine")
 
-IGNORE = 255
+
+def __getattr__(name):
+    # DUEB's step and optimiser lived here before the methods moved to furnace.methods; the
+    # old import path still works, without the engine importing any method itself
+    if name in ("DUEBStep", "make_optimizer"):
+        from ..methods import dueb
+        return getattr(dueb, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -2,7 +2,9 @@
 so that ``--help`` and ``--print-config`` answer without importing torch."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Optional
+
+from ..config import ConfigError
 
 
 def _dueb(aleatoric: bool, energy: bool) -> List[str]:
@@ -33,3 +35,39 @@ def presets_of(method: str) -> Mapping[str, List[str]]:
         return BUILTIN_PRESETS[method]
     from .registry import get_method
     return get_method(method).presets
+
+
+#: what a script that names no method trains (the older ``train_main(HERE)``), and the method
+#: of checkpoints without a ``method`` key (the reference's and our format 1)
+DEFAULT_SCRIPT = ("dueb", "full")
+FORMAT1_METHOD = "dueb"
+
+
+def script_overrides(method: Optional[str], preset: Optional[str],
+                     aleatoric: Optional[bool] = None, energy: Optional[bool] = None,
+                     supervised_only: Optional[bool] = None) -> List[str]:
+    """The key=value strings a train script applies before the environment and --set.
+
+    ``method``/``preset``: a registered method and one of its presets. The switches of older
+    scripts (``aleatoric=``, ``energy=``, ``supervised_only=``) still work: they imply DUEB
+    and set its keys."""
+    if method is None and preset is None and aleatoric is None and energy is None:
+        method, preset = DEFAULT_SCRIPT if not supervised_only else ("supervised", None)
+    elif method is None:
+        method = "dueb"
+    out = [f"method={method}"]
+    if preset is not None:
+        presets = presets_of(method)
+        if preset not in presets:
+            raise ConfigError(f"method '{method}' has no preset '{preset}'; known: "
+                              f"{', '.join(sorted(presets)) or 'none'}")
+        out += list(presets[preset])
+    if aleatoric is not None:
+        out.append(f"dueb.aleatoric.enabled={aleatoric}")
+    if energy is not None:
+        out.append(f"dueb.energy.enabled={energy}")
+    if supervised_only is not None:
+        out.append(f"supervised_only={supervised_only}")
+    elif method == "dueb" and "supervised_only=False" not in out:
+        out.append("supervised_only=False")    # as the older scripts: the script decides
+    return out
