@@ -39,3 +39,85 @@ def test_torchrun_two_processes(tmp_path):
     assert "world_size=2" in text
     m = re.search(r"max parameter difference across 2 ranks: (\S+)", text)
     assert m and float(m.group(1)) == 0.0
+
+
+PLUGIN = '''
+import os, signal
+import torch
+import torch.nn.functional as F
+from furnace.methods import Method, register
+
+
+class Net(torch.nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                        torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.classifier = torch.nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+@register
+class TinyDDP(Method):
+    name = "tiny_ddp"
+    streams = ("labeled",)
+
+    def __init__(self, C, ctx):
+        super().__init__(C, ctx)
+        self.net = ctx.prepare(Net(C.num_classes))
+        self.modules = {"model": self.net}
+        self.optimizers = {"opt": torch.optim.SGD(self.net.parameters(), lr=C.lr)}
+
+    def train_step(self, batches, *, iteration, epoch, backward):
+        (lab,) = batches
+        loss = F.cross_entropy(self.net(lab["data"]), lab["label"], ignore_index=255)
+        backward(loss)
+        if iteration == 2 and os.environ.get("RANK") == "1":   # only rank 1 is signalled
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return loss.detach(), {"loss": loss.detach()}, {}
+
+    @classmethod
+    def build_eval_model(cls, C):
+        return Net(C.num_classes)
+'''
+
+SCRIPT = '''
+import os, sys
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [{root!r}, HERE]
+import tiny_plugin  # noqa: F401  (registers the method)
+from furnace.engine.cli import train_main
+train_main(HERE, method="tiny_ddp")
+'''
+
+
+def test_torchrun_signal_on_one_rank_stops_all_ranks_together(tmp_path):
+    """A method from a file outside the package, under torchrun: SIGUSR1 reaches rank 1 only;
+    the stop request rides on the loss all-reduce, so both ranks finish iteration 2, rank 0
+    writes a resumable checkpoint, and nobody hangs."""
+    root = make_voc(tmp_path / "voc", n_train=12, n_val=2, num_classes=21)
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "tiny_plugin.py").write_text(PLUGIN)
+    (exp / "train.py").write_text(SCRIPT.format(root=str(ROOT)))
+    (exp / "config.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "from furnace.config import base_config\nconfig = base_config()\n")
+    log = tmp_path / "log"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", str(exp / "train.py"), "-d", "cpu",
+           "--set", f"dataset_path={root}", f"log_dir={log}", "labeled_ratio=2",
+           "pretrained_model=none", "image_height=32", "image_width=32", "batch_size=4",
+           "nepochs=2", "niters_per_epoch=5", "num_workers=0", "train_scale_array=[1.0]",
+           "tb_images_every=0"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode != 0                       # 128 + SIGUSR1 from both workers
+    assert res.stderr.count("interrupted by SIGUSR1 at epoch 0 iteration 2") == 2, \
+        res.stderr[-3000:]
+    state = ck.load_file(log / "snapshot" / "epoch-last.pth")
+    assert state["method"] == "tiny_ddp" and state["resume_at"] == [0, 3]
+    text = next(log.glob("train_*.log")).read_text()
+    assert text.count("\nEpoch 1/2 Iter") == 3 and "# stopped: interrupted (SIGUSR1)" in text

@@ -173,13 +173,13 @@ class _StopSignals:
     def __init__(self):
         self.signum: Optional[int] = None
         self._old: Dict[int, Any] = {}
+        # the signals this platform has, in a fixed order (ranks exchange one flag each)
+        self.signals = [getattr(signal, n) for n in self.NAMES if hasattr(signal, n)]
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for name in self.NAMES:
-                if hasattr(signal, name):
-                    s = getattr(signal, name)
-                    self._old[s] = signal.signal(s, self._handle)
+            for s in self.signals:
+                self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -331,12 +331,13 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
                     names = list(terms)
                     # the stop request rides along with the logged values: every rank sees
                     # it at the same iteration, so all of them stop together
-                    flag = torch.tensor([float(stop.signum is not None)], device=device)
+                    flags = torch.tensor([float(stop.signum == s) for s in stop.signals],
+                                         device=device)
                     stacked = torch.cat([torch.stack([terms[n].detach().float()
-                                                      for n in names]), flag])
+                                                      for n in names]), flags])
                     reduced = reduce_mean(stacked, info).tolist()
-                    stop_now = reduced.pop() > 0
-                    values = dict(zip(names, reduced))
+                    got = [s for s, f in zip(stop.signals, reduced[len(names):]) if f > 0]
+                    values = dict(zip(names, reduced[:len(names)]))
                     bad = [n for n in names if not math.isfinite(values[n])]
                     if bad:
                         reason = "NaN"
@@ -360,8 +361,8 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
                         log.scalars(dict(values, lr=lr), t_global)
                         if C.tb_images_every and t_global % C.tb_images_every == 0:
                             log.images(extras, C, t_global)
-                    if stop_now:
-                        signum = stop.signum if stop.signum is not None else signal.SIGTERM
+                    if got:
+                        signum = stop.signum if stop.signum is not None else got[0]
                         name = signal.Signals(signum).name
                         path = None
                         if info.is_main:
