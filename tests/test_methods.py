@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,7 +176,10 @@ def test_sigterm_mid_epoch_then_resume_equals_straight_run(voc_root, tmp_path):
     assert not (snap / "epoch-1.pth").exists()
     log = next((tmp_path / "b").glob("train_*.log")).read_text()
     assert "# stopped: interrupted (SIGTERM)" in log
-    train(_config(voc_root, tmp_path / "b", extra), DistInfo(), resume=str(snap / "epoch-last.pth"))
+    C = _config(voc_root, tmp_path / "b", extra)
+    train(C, DistInfo(), resume=str(snap / "epoch-last.pth"))
+    assert "# resumed from " in Path(C.train_log_file).read_text()
+    assert "at epoch 1 iteration 2" in Path(C.train_log_file).read_text()
     for key in ("student", "teacher"):
         _assert_same(_weights(straight / "epoch-2.pth", key), _weights(snap / "epoch-2.pth", key))
     assert ck.load_file(snap / "epoch-2.pth")["extra"] == {"ema_steps": 9}

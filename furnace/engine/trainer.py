@@ -284,6 +284,8 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
     log = _TrainLog(C, info.is_main)
     log.line(f"# furnace {__version__}: method={cls.name} {method.describe()} "
              f"world_size={info.world_size} device={device} amp={C.amp} config={C.to_dict()}")
+    if resume:
+        log.line(f"# resumed from {resume} at epoch {start_epoch} iteration {start_idx}")
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
