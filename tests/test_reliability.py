@@ -300,6 +300,24 @@ def test_error_in_a_loader_worker_is_one_line(voc_root, tmp_path):
     assert "DataLoader worker" in e.value.worker_traceback
 
 
+def test_worker_error_through_the_train_script_is_one_line_and_exits(voc_root, tmp_path):
+    # a fresh process: its exit must not wait for (or report) the loader workers
+    lab = tmp_path / "train_lab.txt"
+    lab.write_text("t0000\nt0001\nmissing_id\nt0003\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, str(ROOT / "exp_voc" / "train.py"), "-d", "cpu",
+                          "--set", f"dataset_path={voc_root}", f"log_dir={tmp_path / 'log'}",
+                          f"train_source={lab}", *TINY, "num_workers=2", "max_samples=4",
+                          "niters_per_epoch=2"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [l for l in err if l.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: image file not found")
+    assert "train_lab.txt:3" in errors[0] and err[-1] == errors[0]
+    assert not any("Traceback" in l or "Exception ignored" in l for l in err)
+
+
 def test_bad_logging_level_is_one_line(tmp_path):
     # in a fresh process (pytest's own log handlers hide basicConfig's check)
     env = dict(os.environ, ENGINE_LOGGING_LEVEL="verbose", OMP_NUM_THREADS="1")

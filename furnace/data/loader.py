@@ -10,8 +10,10 @@ given seed are the same for any num_workers.
 """
 from __future__ import annotations
 
+import atexit
 import random
 import warnings
+import weakref
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import cv2
@@ -85,6 +87,27 @@ def per_process_batch(batch_size: int, world_size: int) -> int:
     return b
 
 
+def shutdown_workers(loader: DataLoader) -> None:
+    """Stop the persistent workers of ``loader`` now (they otherwise live as long as it)."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
+
+
+# Loaders still alive at interpreter exit (after an error the traceback's frames can hold
+# them) are shut down before multiprocessing joins their workers: workers forked while the
+# trainer's stop-signal handlers were installed ignore the SIGTERM it would send, and the exit
+# waited for them forever (or printed a worker-killed traceback after the error line).
+_LIVE: "weakref.WeakSet[TrainLoaders]" = weakref.WeakSet()
+_AT_EXIT = []
+
+
+def _close_live_loaders() -> None:
+    for loaders in list(_LIVE):
+        loaders.close()
+
+
 class TrainLoaders:
     """The three training loaders of one process.
 
@@ -149,6 +172,17 @@ class TrainLoaders:
             for k, (ds, s, col) in enumerate(zip(
                 (self.labeled, self.unlabeled0, self.unlabeled1), self.samplers, collates))]
         self.labeled_loader, self.unlabeled0_loader, self.unlabeled1_loader = self.loaders
+        if nw > 0:
+            if not _AT_EXIT:  # registered after multiprocessing's hook, so it runs before it
+                atexit.register(_close_live_loaders)
+                _AT_EXIT.append(True)
+            _LIVE.add(self)
+
+    def close(self) -> None:
+        """Shut the loader workers down (a no-op without workers); the loaders stay usable
+        and start new workers when iterated again."""
+        for loader in getattr(self, "loaders", ()):
+            shutdown_workers(loader)
 
     def __len__(self) -> int:
         return self.niters_per_epoch
