@@ -7,8 +7,9 @@ from furnace.config import load_config
 def test_demo_config_and_data_hook(tmp_path, monkeypatch):
     C = load_config(ROOT / "exp_demo", [f"dataset_path={tmp_path / 'demo'}"], env={})
     assert C.num_classes == len(demo.DEMO_CLASSES) == len(C.class_names)
-    assert C.backbone == "resnet18" and C.pretrained_model is None and C.labeled_ratio == 8
-    assert C.train_source.endswith("train_aug_labeled_1-8.txt")
+    assert C.backbone == "resnet18" and C.pretrained_model is None and C.labeled_ratio == 32
+    assert C.train_source.endswith("train_aug_labeled_1-32.txt")
+    assert C.labeled_ratio in demo.DEMO_RATIOS and C.head_channels == 64
     calls = []
     monkeypatch.setattr(demo, "ensure_demo_data", lambda root: calls.append(root))
     demo.prepare_from_config(C)
