@@ -152,14 +152,15 @@ def main(argv=None) -> int:
     C = load_config(ROOT / "exp_demo", [f"labeled_ratio={args.ratio}", *args.overrides], env={})
     title = (f"demo, 1/{args.ratio} labels ({C.num_train_imgs} images), {C.backbone} from "
              f"scratch, {C.nepochs} x {C.niters_per_epoch} its, seeds {args.seeds}")
+    command = (f"python bench/demo_table.py --ratio {args.ratio} --seeds "
+               f"{' '.join(map(str, args.seeds))}"
+               + (f" --methods {' '.join(args.methods)}" if args.methods != list(METHODS) else "")
+               + (f" --set {' '.join(args.overrides)}" if args.overrides else ""))
     header = (f"Demo data, 1/{args.ratio} labels ({C.num_train_imgs} labelled of "
-              f"{C.total_train_imgs} images), {C.backbone} from scratch, head_channels "
-              f"{C.head_channels}, {C.nepochs} x {C.niters_per_epoch} iterations at batch "
-              f"{C.batch_size}, crop {C.image_height}, lr {C.lr}, aleatoric terms from "
-              f"iteration {C.aleatoric.start_iter}, seeds {args.seeds}, device {device}"
-              + (f", --set {' '.join(args.overrides)}" if args.overrides else "")
-              + ". Command: `python bench/demo_table.py --ratio "
-              f"{args.ratio} --seeds {' '.join(map(str, args.seeds))}`.\n\n")
+              f"{C.num_train_imgs + C.num_unsup_imgs} images), {C.backbone} from scratch, "
+              f"head_channels {C.head_channels}, {C.nepochs} x {C.niters_per_epoch} iterations "
+              f"at batch {C.batch_size}, crop {C.image_height}, lr {C.lr}, aleatoric terms from "
+              f"iteration {C.aleatoric.start_iter}, device {device}. Command: `{command}`.\n\n")
     text = table(rows, args.methods, args.seeds, header)
     print(text)
     out.with_suffix(".md").write_text(text)
