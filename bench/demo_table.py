@@ -59,7 +59,7 @@ def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) ->
     _, name, preset, extra = METHODS[method]
     C = load_config(ROOT / "exp_demo",
                     [f"labeled_ratio={ratio}", f"seed={seed}", f"log_dir={tmp / method}_{seed}",
-                     "snapshot_keep=1", "tb_images_every=0", *extra, *overrides],
+                     "snapshot_keep=1", "tb_images_every=0", "eval_every=0", *extra, *overrides],
                     env={}, preset=script_preset(name, preset, None, None, None))
     t0 = time.time()
     train(C, DistInfo(device=device))

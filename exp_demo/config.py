@@ -38,6 +38,7 @@ C.aleatoric.samples = 10
 # (README, "The demo"), so the aleatoric terms start after the first epoch.
 C.aleatoric.start_iter = 100
 C.snapshot_iter = 1
+C.eval_every = 2                      # validate after epochs 2 and 4 (log, tensorboard, best.pth)
 C.snapshot_from = -1
 C.snapshot_keep = 2
 C.eval_crop_size = 128
