@@ -39,9 +39,9 @@ from furnace.eval.cli import run as evaluate  # noqa: E402
 from furnace.eval.uncertainty import SCORES  # noqa: E402
 from furnace.methods import get_method  # noqa: E402
 
-VARIANTS = [  # (name, learn_variance)
-    ("fixed variance head (reference)", False),
-    ("learned variance head", True),
+VARIANTS = [  # (name, learn_variance, --variants key)
+    ("fixed variance head (reference)", False, "fixed"),
+    ("learned variance head", True, "learned"),
 ]
 METHOD, PRESET = "dueb", "full"       # what exp_demo/train.py trains
 # keys that name places or times, not what is trained
@@ -116,7 +116,7 @@ def make_table(rows, args, C0, device) -> str:
              "| AUROC 1-msp | AUROC disagreement | AUPR variance | ECE (%) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     worst_err = 0.0
-    for name, learn in VARIANTS:
+    for name, learn, _ in VARIANTS:
         r = [row for row in rows if row["learn_variance"] == learn]
         if not r:
             continue
@@ -141,7 +141,7 @@ def plot_reliability(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
-    for (name, learn), colour in zip(VARIANTS, ("#59c", "#c55")):
+    for (name, learn, _), colour in zip(VARIANTS, ("#59c", "#c55")):
         r = sorted((row for row in rows if row["learn_variance"] == learn),
                    key=lambda x: x["seed"])
         if not r:
@@ -169,6 +169,10 @@ def main(argv=None):
     ap.add_argument("--device", default="")
     ap.add_argument("--out", default=str(ROOT / "img" / "uncertainty_table"))
     ap.add_argument("--runs", default=str(ROOT / "img" / "uncertainty_runs.jsonl"))
+    ap.add_argument("--variants", nargs="+", default=["fixed", "learned"],
+                    choices=["fixed", "learned"],
+                    help="train only these (e.g. one per process; a later run with both "
+                         "reuses the finished runs and writes the table)")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[])
     args = ap.parse_args(argv)
     ensure_demo_data()
@@ -180,7 +184,9 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            for name, learn in VARIANTS:
+            for name, learn, key in VARIANTS:
+                if key not in args.variants:
+                    continue
                 fp = fingerprint(_config(args, seed, learn, Path(tmp) / "probe"))
                 old = [r for r in done if r["fingerprint"] == fp and r["seed"] == seed
                        and r["learn_variance"] == learn]
