@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from helpers import make_voc
 from furnace.engine import checkpoint as ck
@@ -121,3 +123,30 @@ def test_torchrun_signal_on_one_rank_stops_all_ranks_together(tmp_path):
     assert state["method"] == "tiny_ddp" and state["resume_at"] == [0, 3]
     text = next(log.glob("train_*.log")).read_text()
     assert text.count("\nEpoch 1/2 Iter") == 3 and "# stopped: interrupted (SIGUSR1)" in text
+
+
+def test_one_image_per_process_needs_a_global_batch_of_two():
+    from furnace.data import DataError, per_process_batch
+    assert per_process_batch(2, 2) == 1          # SyncBatchNorm sees both processes' images
+    assert per_process_batch(4, 2) == 2
+    with pytest.raises(DataError, match="batch_size=1 over world_size=1"):
+        per_process_batch(1, 1)
+
+
+def test_torchrun_one_image_per_process(tmp_path):
+    """batch_size=2 on 2 processes: SyncBatchNorm normalises over both images, so the ASPP
+    pooled branch trains with one image per process."""
+    root = make_voc(tmp_path / "voc", n_train=8, n_val=2, num_classes=5)
+    log = tmp_path / "log"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    tiny = [a for a in TINY if not a.startswith(("batch_size", "nepochs"))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", str(ROOT / "exp_voc" / "train.py"), "-d", "cpu",
+           "--set", f"dataset_path={root}", f"log_dir={log}", "labeled_ratio=2",
+           "num_classes=5", "batch_size=2", "nepochs=1", *tiny]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = next(log.glob("train_*.log")).read_text()
+    assert "world_size=2" in text
+    m = re.search(r"max parameter difference across 2 ranks: (\S+)", text)
+    assert m and float(m.group(1)) == 0.0

@@ -73,10 +73,12 @@ def make_loader(dataset, batch_size: int, sampler, collate_fn, num_workers: int 
 
 def per_process_batch(batch_size: int, world_size: int) -> int:
     """batch_size // world_size, with DataError for a batch below 2 per process (BatchNorm of
-    the ASPP pooled branch sees one value per channel and cannot train, QUIRK 42)."""
+    the ASPP pooled branch sees one value per channel and cannot train, QUIRK 42) unless
+    several processes share SyncBatchNorm statistics (global batch >= 2)."""
     batch_size, world_size = int(batch_size), int(world_size)
     b = batch_size // max(1, world_size)
-    if b < 2:
+    # under DDP SyncBatchNorm normalises over every process's images: 1 each is enough there
+    if b < 2 and not (world_size > 1 and b * world_size >= 2):
         raise DataError(f"batch_size={batch_size} over world_size={world_size} gives {b} "
                         f"sample(s) per process; training needs at least 2 per process "
                         f"(BatchNorm in the ASPP image-pooling branch cannot train on 1). "

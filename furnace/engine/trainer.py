@@ -25,7 +25,7 @@ import torch
 
 from .. import __version__
 from ..config import Config
-from ..data import TrainLoaders
+from ..data import TrainLoaders, per_process_batch
 from ..data.demo import prepare_from_config
 from ..methods import STREAMS, MethodContext, get_method, method_name
 from . import checkpoint as ckpt_io
@@ -206,11 +206,7 @@ def train(C: Config, info: DistInfo, resume: Optional[str] = None, *,
     if C.batch_size % info.world_size:
         raise ValueError(f"config batch_size={C.batch_size} is not divisible by the "
                          f"{info.world_size} processes; choose a multiple")
-    batch = C.batch_size // info.world_size
-    if batch < 2:
-        raise ValueError(f"config batch_size={C.batch_size} gives {batch} image per process; "
-                         "BatchNorm in the ASPP pooled branch needs at least 2 to train. "
-                         "Increase batch_size (or use fewer processes).")
+    batch = per_process_batch(C.batch_size, info.world_size)
 
     seed_everything(C.seed)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
