@@ -1,4 +1,6 @@
 """Tiny datasets on disk in the VOC and Cityscapes layouts of the CPS archives (for tests)."""
+import hashlib
+import os
 from pathlib import Path
 
 import cv2
@@ -69,3 +71,15 @@ def make_city(root, n_train=16, n_val=4, num_classes=19, size=(48, 96), ratios=(
         (cfg / "subset_train" / f"train_aug_unlabeled_1-{r}.txt").write_text(
             "\n".join(lines["train"][k:]) + "\n")
     return root
+
+
+def tree_digest(root):
+    """sha256 over the relative paths and bytes of every file under root, in sorted order."""
+    h = hashlib.sha256()
+    for dp, dn, fs in sorted(os.walk(root)):
+        dn.sort()
+        for f in sorted(fs):
+            p = os.path.join(dp, f)
+            h.update(os.path.relpath(p, root).encode())
+            h.update(Path(p).read_bytes())
+    return h.hexdigest()

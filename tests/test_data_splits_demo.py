@@ -1,11 +1,9 @@
 """The split tool and the procedural demo dataset."""
-import hashlib
-import os
-
 import numpy as np
 import pytest
 import torch
 
+from helpers import tree_digest
 from furnace.data import DataError, TrainTransform, VOCDataset
 from furnace.data.demo import DEMO_CLASSES, ensure_demo_data, generate, is_complete
 from furnace.data.splits import main as splits_main
@@ -56,18 +54,6 @@ def test_split_errors(tmp_path):
         write_splits(str(tmp_path / "missing.txt"), str(tmp_path / "o"))
 
 
-def _digest(root):
-    h = hashlib.sha256()
-    for dp, dn, fs in sorted(os.walk(root)):
-        dn.sort()
-        for f in sorted(fs):
-            p = os.path.join(dp, f)
-            h.update(os.path.relpath(p, root).encode())
-            with open(p, "rb") as fh:
-                h.update(fh.read())
-    return h.hexdigest()
-
-
 def test_demo_deterministic_and_readable(tmp_path, capsys):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     info = generate(a, n_train=20, n_val=5, seed=0)
@@ -78,7 +64,7 @@ def test_demo_deterministic_and_readable(tmp_path, capsys):
     assert min(info["train_freq"]) > 0  # every class occurs
     generate(b, n_train=20, n_val=5, seed=0, verbose=False)
     generate(c, n_train=20, n_val=5, seed=1, verbose=False)
-    assert _digest(a) == _digest(b) and _digest(a) != _digest(c)
+    assert tree_digest(a) == tree_digest(b) and tree_digest(a) != tree_digest(c)
     # the VOC dataset class reads the layout
     ev = VOCDataset(str(a), str(a / "val.txt"), "eval", num_classes=len(DEMO_CLASSES))
     assert len(ev) == 5

@@ -1,7 +1,6 @@
 """Issue 16: nothing lost, nothing executed. Bad input and faults give one clear line (or a
 warning), never lost data, silent misbehaviour or a traceback. Each test fails on the code
 before the fix."""
-import hashlib
 import logging
 import os
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers import make_city, make_voc
+from helpers import make_city, make_voc, tree_digest
 from furnace import config as config_mod
 from furnace.config import ConfigError, load_config
 from furnace.data import DataError, TrainLoaders, read_image
@@ -32,17 +31,6 @@ TINY = ["backbone=resnet18", "pretrained_model=none", "image_height=32", "image_
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory):
     return make_voc(tmp_path_factory.mktemp("voc"), n_train=8, n_val=2, num_classes=21)
-
-
-def _digest(root):
-    h = hashlib.sha256()
-    for dp, dn, fs in sorted(os.walk(root)):
-        dn.sort()
-        for f in sorted(fs):
-            p = os.path.join(dp, f)
-            h.update(os.path.relpath(p, root).encode())
-            h.update(Path(p).read_bytes())
-    return h.hexdigest()
 
 
 def _one_error_line(capsys):
@@ -62,17 +50,17 @@ def _train_main(exp, argv):
 
 def test_demo_generator_never_replaces_a_users_voc_folder(tmp_path, capsys):
     data = make_voc(tmp_path / "pascal_voc", n_train=4, n_val=2)  # VOC-shaped, no stamp
-    before = _digest(data)
+    before = tree_digest(data)
     assert demo_main(["--root", str(data), "--n-train", "4", "--n-val", "2", "--force"]) == 2
     line = _one_error_line(capsys)
     assert str(data) in line and "demo_stamp.json" in line and "refusing" in line
-    assert _digest(data) == before
+    assert tree_digest(data) == before
     # the hook of an experiment copied from exp_demo that points at real data
     C = load_config(ROOT / "exp_demo", [f"dataset_path={data}"], env={})
     assert C.generate_demo_data
     with pytest.raises(DataError, match="did not write"):
         prepare_from_config(C)
-    assert _digest(data) == before
+    assert tree_digest(data) == before
     # an empty folder, and one the generator made itself, may be (re)filled
     empty = tmp_path / "empty"
     empty.mkdir()
