@@ -283,3 +283,16 @@ def test_progress_bar_text_fits_and_leads_with_progress():
                               bar_format=BAR_FORMAT)
     assert len(shown) <= 100
     assert re.match(r"1234/5291 +1\.76it/s ETA 38:21 epoch 10/40 loss=123\.456", shown), shown
+
+
+def test_p_means_one_thing_in_train_and_eval(capsys):
+    """-p is eval.py's image folder; train.py takes the master port as --port and refuses -p
+    with one line that says so."""
+    from furnace.engine.cli import build_parser, train_main
+    with pytest.raises(SystemExit) as e:
+        train_main(str(ROOT / "exp_voc"), argv=["-p", "16005"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: -p 16005: -p is eval.py's folder for saved images; the master port "
+                   "of train.py is --port (e.g. --port 16005)"]
+    assert build_parser("x").parse_args(["--port", "16005"]).port == "16005"

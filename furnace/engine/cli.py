@@ -1,8 +1,9 @@
 """Command line of the train scripts (``train.py``, ``trainal.py``, ``traine.py``, ...).
 
 Flags of the reference Engine: ``-c/--continue`` (a checkpoint path, or ``last``), ``-d``
-(device), ``--local_rank``/``--local-rank`` (torchrun passes ``LOCAL_RANK`` too), ``-p`` (port,
-used as MASTER_PORT when not set), ``--debug [N]`` (N iterations per epoch), plus
+(device), ``--local_rank``/``--local-rank`` (torchrun passes ``LOCAL_RANK`` too), ``--port``
+(the reference's ``-p``, used as MASTER_PORT when not set; ``-p`` is eval.py's image folder,
+so train.py refuses it with a hint), ``--debug [N]`` (N iterations per epoch), plus
 ``--set key=value ...``, ``--print-config`` and ``--trust-pickle``. Errors a user can fix are
 printed as one line (exit code 2); a preemption signal saves a checkpoint and exits with
 128 + the signal number. Torch is imported only after the arguments are parsed, so ``--help``
@@ -28,7 +29,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    help="device for a single process: cpu, 0, cuda:1 (default: GPU 0 if present)")
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help="set by torch.distributed launchers; torchrun uses LOCAL_RANK")
-    p.add_argument("-p", "--port", default="16001", help="MASTER_PORT if the launcher sets none")
+    # -p is eval.py's image folder; the reference's train -p (port) is --port here, so one
+    # flag never means two things
+    p.add_argument("--port", default="16001", help="MASTER_PORT if the launcher sets none")
+    p.add_argument("-p", dest="old_port", default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug", type=int, nargs="?", const=10, default=0,
                    help="run only N (default 10) iterations per epoch")
     add_common_arguments(p)
@@ -105,6 +109,10 @@ def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[s
     ``supervised_only=`` switches of older scripts are still accepted.
     """
     args = build_parser(description).parse_args(argv)
+    if args.old_port is not None:
+        print(f"error: -p {args.old_port}: -p is eval.py's folder for saved images; the master "
+              f"port of train.py is --port (e.g. --port {args.old_port})", file=sys.stderr)
+        sys.exit(2)
     os.environ.setdefault("MASTER_PORT", str(args.port))
 
     try:
