@@ -44,8 +44,9 @@ VARIANTS = [  # (name, learn_variance, --variants key)
     ("learned variance head", True, "learned"),
 ]
 METHOD, PRESET = "dueb", "full"       # what exp_demo/train.py trains
-# keys that name places or times, not what is trained
-_VOLATILE = ("dir", "file", "exp_time", "dataset_path", "seed")
+# keys that name places or times, not what is trained; eval_every only adds validation, which
+# runs under a forked RNG in eval mode and leaves the trained weights as they are
+_VOLATILE = ("dir", "file", "exp_time", "dataset_path", "seed", "eval_every")
 
 
 def fingerprint(C) -> str:
@@ -66,7 +67,7 @@ def _config(args, seed, learn, log_dir):
     ratio = [f"labeled_ratio={args.ratio}"] if args.ratio else []
     return load_config(ROOT / "exp_demo",
                        [*ratio, f"seed={seed}", f"log_dir={log_dir}", "snapshot_keep=1",
-                        "tb_images_every=0", f"aleatoric.learn_variance={learn}",
+                        "tb_images_every=0", "eval_every=0", f"aleatoric.learn_variance={learn}",
                         *args.overrides],
                        env={}, preset=script_preset(METHOD, PRESET, None, None, None))
 
