@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="")
     ap.add_argument("--out", default=None, help="default: img/demo_table_r<ratio>")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[])
+    ap.add_argument("--cached-only", action="store_true",
+                    help="tabulate the runs in the cache only (missing ones show as –)")
     args = ap.parse_args(argv)
     out = Path(args.out or ROOT / "img" / f"demo_table_r{args.ratio}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +142,8 @@ def main(argv=None) -> int:
         for method in args.methods:
             for seed in args.seeds:
                 k = (method, seed, args.ratio, tuple(args.overrides))
+                if k not in have and args.cached_only:
+                    continue
                 if k not in have:
                     have[k] = run_one(method, seed, args.ratio, args.overrides, device,
                                       Path(tmp))
