@@ -316,7 +316,9 @@ def test_error_batch_of_one_per_process(voc_root):
     with pytest.raises(DataError, match="batch_size=1"):
         TrainLoaders(_cfg(voc_root, batch_size=1))
     with pytest.raises(DataError, match="world_size=2"):
-        TrainLoaders(_cfg(voc_root, batch_size=2), rank=0, world_size=2)
+        TrainLoaders(_cfg(voc_root, batch_size=1), rank=0, world_size=2)
+    # under DDP SyncBatchNorm sees every process's image: one each is fine for a global 2
+    assert TrainLoaders(_cfg(voc_root, batch_size=2), rank=0, world_size=2).batch_size == 1
 
 
 # ----------------------------------------------------------------------------- transforms
