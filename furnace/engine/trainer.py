@@ -395,13 +395,12 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
                     break
             if info.distributed:
                 # a cheap end-of-run guard that gradient averaging kept the replicas identical
+                diff = max(max_rank_divergence(m, info) for m in method.modules.values())
                 log.line(f"# max parameter difference across {info.world_size} ranks: "
-                         f"{max(max_rank_divergence(m, info) for m in method.modules.values()):.3e}")
+                         f"{diff:.3e}")
         reason = "finished"
-    except TrainingInterrupted:
-        raise
-    except NonFiniteLossError:
-        raise
+    except (TrainingInterrupted, NonFiniteLossError):
+        raise                            # their reasons are set where they are raised
     except BaseException as e:
         reason = f"error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         raise
@@ -412,7 +411,8 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
 
 
 def _validate(method, C: Config, info: DistInfo, log: _TrainLog, epoch: int, niters: int,
-              niters_full: int, best: Optional[float], snapshot_dir: Path, state) -> Optional[float]:
+              niters_full: int, best: Optional[float], snapshot_dir: Path,
+              state) -> Optional[float]:
     """Evaluate the method's eval model on the val list (rank 0), log mIoU, keep best.pth.
     Returns the best mIoU so far (a fraction)."""
     if info.is_main:
