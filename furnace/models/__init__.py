@@ -13,6 +13,7 @@ from .network import (BACKBONES, DualBranchNetwork, SingleNetwork, build_network
                       network_from_config)
 from .param_groups import param_groups
 from .resnet import ResNet, resnet18, resnet34, resnet50, resnet101
+from .u2pl import U2PLNetwork, u2pl_network_from_config
 from .weights import LoadResult, load_backbone_weights
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "LoadResult",
     "ResNet",
     "SingleNetwork",
+    "U2PLNetwork",
     "build_network",
     "load_backbone_weights",
     "network_from_config",
@@ -31,4 +33,5 @@ __all__ = [
     "resnet34",
     "resnet50",
     "resnet101",
+    "u2pl_network_from_config",
 ]

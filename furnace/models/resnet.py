@@ -22,6 +22,16 @@ Output stride (the ratio input size / layer4 size):
 
 In a BasicBlock (ResNet-18/34) both 3x3 convs of a block get that block's dilation, which is what
 the reference's dilation surgery does to every 3x3 conv of a block.
+
+``layout`` selects between two conventions that share every parameter and state_dict key:
+
+* ``'dueb'`` (default): as above; the stem max-pool floors (``ceil_mode=False``).
+* ``'u2pl'`` (the U2PL backbone, torchvision's ``replace_stride_with_dilation`` convention):
+  the first block of a newly dilated stage keeps the previous stage's dilation, so at output
+  stride 8 layer3's block 0 uses dilation 1 and its other blocks 2 (layer4 is 4, 8, 16 in
+  both layouts, and at output stride 16 the dilations of both layouts agree); and the stem
+  max-pool uses ``ceil_mode=True``, so an even input such as 512 gives 129 at stride 4 (as 513
+  does) instead of 128.
 """
 from __future__ import annotations
 
@@ -39,12 +49,16 @@ __all__ = [
     "resnet50",
     "resnet101",
     "RESNET_SPECS",
+    "LAYOUTS",
 ]
 
 NormLayer = Callable[[int], nn.Module]
 
 # Dilation of each block's 3x3 convs in layer4, relative to the dilation of the stage before it.
 MULTI_GRID = (1, 2, 4)
+
+# Backbone conventions selectable with ResNet(layout=...); see the module docstring.
+LAYOUTS = ("dueb", "u2pl")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -109,13 +123,19 @@ class Bottleneck(nn.Module):
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
 
-def _stage_plan(output_stride: int) -> List[tuple]:
+def _stage_plan(output_stride: int, layout: str = "dueb") -> List[tuple]:
     """(stride, per-block dilation rule) for layer1..layer4 at the given output stride.
 
     The rule is a function ``block_index -> dilation``.
     """
     def plain(_i: int) -> int:
         return 1
+
+    if output_stride == 8 and layout == "u2pl":
+        # torchvision convention: block 0 of the newly dilated layer3 still sees the stride-8
+        # grid's previous dilation (1); only the blocks after it are dilated by 2.
+        return [(1, plain), (2, plain), (1, lambda i: 1 if i == 0 else 2),
+                (1, lambda i: 4 * MULTI_GRID[i % len(MULTI_GRID)])]
 
     if output_stride == 32:
         return [(1, plain), (2, plain), (2, plain), (2, plain)]
@@ -138,6 +158,8 @@ class ResNet(nn.Module):
         output_stride: 8, 16 (reference) or 32; see the module docstring.
         norm_layer: called as ``norm_layer(num_channels)``; default ``nn.BatchNorm2d``
             (eps 1e-5, momentum 0.1, as in the reference).
+        layout: ``'dueb'`` (default) or ``'u2pl'`` (layer3 block 0 undilated at output
+            stride 8, stem max-pool with ``ceil_mode=True``); see the module docstring.
 
     Attributes:
         out_channels: channels of the four stage outputs, e.g. ``[256, 512, 1024, 2048]``.
@@ -146,15 +168,19 @@ class ResNet(nn.Module):
 
     def __init__(self, block: Block, layers: Sequence[int], *, stem: str = "deep",
                  output_stride: int = 16, norm_layer: NormLayer = nn.BatchNorm2d,
-                 stem_width: int = 64) -> None:
+                 stem_width: int = 64, layout: str = "dueb") -> None:
         super().__init__()
         if stem not in ("deep", "classic"):
             raise ValueError(f"stem must be 'deep' or 'classic', got {stem!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, "
+                             f"got {layout!r}")
         if len(layers) != 4:
             raise ValueError(f"layers must list 4 stage depths, got {list(layers)}")
-        plan = _stage_plan(output_stride)
+        plan = _stage_plan(output_stride, layout)
         self.stem = stem
         self.output_stride = output_stride
+        self.layout = layout
 
         if stem == "deep":
             self.conv1 = nn.Sequential(
@@ -172,7 +198,10 @@ class ResNet(nn.Module):
             self.inplanes = 64
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        # ceil_mode only matters for an even-sized stem output (e.g. 256 from a 512 input, pooled
+        # to 129 instead of 128); U2PL rounds up so that 512 and 513 crops share one grid.
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1,
+                                    ceil_mode=(layout == "u2pl"))
 
         self.layer1 = self._make_layer(block, 64, layers[0], *plan[0], norm_layer)
         self.layer2 = self._make_layer(block, 128, layers[1], *plan[1], norm_layer)
@@ -197,7 +226,10 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         """x [B,3,H,W] -> [layer1 (stride 4), layer2 (8), layer3 (16 or 8), layer4 (OS)].
 
-        Entry i is [B, out_channels[i], ceil(H/s_i), ceil(W/s_i)] with s_i its stride in pixels.
+        Entry i is [B, out_channels[i], ceil(H/s_i), ceil(W/s_i)] with s_i its stride in pixels
+        (layout 'dueb'). Layout 'u2pl' rounds the stem pool up: layer1 has side
+        floor(ceil(H/2) / 2) + 1 (513 -> 129, 512 -> 129, 769 -> 193), and each stride-2
+        stage after it maps n to ceil(n/2) (129 -> 65, 193 -> 97).
         """
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         feats = []
