@@ -77,14 +77,16 @@ CHOICES = {
     "stem": ("deep", "classic"),
     "output_stride": (8, 16),
     "eval_branch": (1, 2, "mean"),
-    "eval_mode": ("slide", "whole"),
+    "eval_mode": ("slide", "whole", "center_pad"),
+    "eval_average": ("sum", "logits"),
+    "train_scale_mode": ("choice", "u2pl"),
     "amp": ("auto", "off", "bf16", "fp16"),
     "sup_loss": ("ce", "ohem"),
 }
 
 # Keys whose value may be None or a string path.
 OPTIONAL_STR = ("pretrained_model", "class_names", "train_source", "unsup_source",
-                "snapshot_dir", "device")
+                "snapshot_dir", "device", "voc_train_folder")
 # Keys whose value may be None or an int (derived when None).
 OPTIONAL_INT = ("num_train_imgs", "num_unsup_imgs", "max_samples", "niters_per_epoch",
                 "ohem_min_kept", "snapshot_keep", "snapshot_from", "stop_after_epoch")
@@ -117,6 +119,13 @@ def base_config() -> Config:
     C.num_workers = 4
     C.generate_demo_data = False               # True: generate the demo dataset if missing
     C.allow_outside_root = False               # True: list entries may leave dataset_path
+    # VOC folder of train_source/unsup_source (None: from the list name, 'train' -> train_aug/);
+    # 'train_aug' reads lists named otherwise, such as U2PL's labeled.txt. eval_source: by name
+    C.voc_train_folder = None
+    # 'choice': a scale from train_scale_array; 'u2pl': p 0.5 U[min, 1) else U[1, max) of
+    # train_scale_array (U2PL: [0.5, 2.0]), size int(h*s) x int(w*s)
+    C.train_scale_mode = "choice"
+    C.train_label_pad = 255                    # label of the crop padding (U2PL: 0)
     # CutMix (REFERENCE 3.5)
     C.cutmix_mask_prop_range = [0.25, 0.5]
     C.cutmix_boxmask_n_boxes = 3
@@ -182,7 +191,11 @@ def base_config() -> Config:
     C.eval_scale_array = [1]
     C.eval_flip = False
     C.eval_branch = 1
+    # 'slide' windows, 'whole' image, or 'center_pad': U2PL's VOC val (pad/centre-crop to
+    # eval_crop_size, one forward, mIoU over the crop; single scale)
     C.eval_mode = "slide"
+    C.eval_average = "sum"                     # windows' logits 'sum' (CPS) or 'logits' mean (U2PL)
+    C.eval_label_pad = 255                     # center_pad: label of the padding (U2PL: 0)
     C.eval_batch_windows = 4
     return C
 
@@ -439,6 +452,22 @@ def validate(C: Config) -> None:
         if (not isinstance(v, (list, tuple)) or not v
                 or not all(_is_number(x) and math.isfinite(x) and x > 0 for x in v)):
             fail(key, "a non-empty list of positive numbers", f"e.g. --set {key}=[1.0]")
+    for key in ("train_label_pad", "eval_label_pad"):
+        v = _get(C, key)
+        if v is not _MISSING and (not isinstance(v, int) or isinstance(v, bool)
+                                  or not 0 <= v <= 255):
+            fail(key, "an integer in 0..255", "255 = ignored, 0 = background (U2PL)")
+    v = _get(C, "voc_train_folder")
+    if v is not _MISSING and v is not None and (not isinstance(v, str) or not v.strip()):
+        fail("voc_train_folder", "none or a folder name under dataset_path",
+             "e.g. --set voc_train_folder=train_aug")
+    if C.get("train_scale_mode") == "u2pl" and not (
+            min(C.train_scale_array) <= 1 <= max(C.train_scale_array)):
+        fail("train_scale_array", "a list whose min <= 1 <= max with train_scale_mode='u2pl'",
+             "U2PL draws from [min, 1) and [1, max); e.g. --set train_scale_array=[0.5,2.0]")
+    if C.get("eval_mode") == "center_pad" and [float(x) for x in C.eval_scale_array] != [1.0]:
+        fail("eval_scale_array", "[1] with eval_mode='center_pad'",
+             "that protocol is single-scale; --set eval_scale_array=[1]")
     for key in ("image_mean", "image_std"):
         v = C.get(key, [0, 0, 1])
         if (not isinstance(v, (list, tuple)) or len(v) != 3

@@ -527,14 +527,18 @@ class VOCDataset(SegmentationDataset):
                  folder: Optional[str] = None, allow_outside_root: bool = False):
         root = check_root(root, "voc")
         lines = read_list_file(list_file)
+        chosen = folder is None
         folder = folder or voc_folder_for_list(list_file)
         is_test = folder == "test"
         fdir = os.path.join(root, folder)
         if not os.path.isdir(fdir):
-            raise DataError(f"VOC folder not found: {fdir} (chosen from the list name "
-                            f"{os.path.basename(list_file)}: names containing 'train' read "
-                            f"train_aug/, 'test_id' reads test/, others the folder of the same "
-                            f"name)")
+            why = (f"chosen from the list name {os.path.basename(list_file)}: names containing "
+                   f"'train' read train_aug/, 'test_id' reads test/, others the folder of the "
+                   f"same name; for lists named otherwise, such as U2PL's labeled.txt, set "
+                   f"voc_train_folder=train_aug" if chosen else
+                   f"set by voc_train_folder for {os.path.basename(list_file)}; name a "
+                   f"folder under dataset_path that holds image/ and label/")
+            raise DataError(f"VOC folder not found: {fdir} ({why})")
         self._labels_optional = is_test
         list_dir = os.path.dirname(os.path.abspath(list_file))
         entries = []
@@ -566,11 +570,40 @@ class VOCDataset(SegmentationDataset):
         self.folder = folder
 
 
+# U2PL's Cityscapes list line: leftImg8bit/<split>/<city>/<name>_leftImg8bit.png
+_U2PL_CITY = re.compile(r"^/?leftImg8bit/(?P<split>[^/\s]+)/[^/\s]+/(?P<name>[^/\s]+)"
+                        r"_leftImg8bit\.png$")
+
+
+def u2pl_city_entry(line: str, where: str = "") -> Optional[Tuple[str, str]]:
+    """The CPS-layout (image, label) pair of a U2PL Cityscapes list line, or None when the
+    line is not in U2PL form (it does not start with leftImg8bit/).
+
+    ``leftImg8bit/train/aachen/aachen_000140_000019_leftImg8bit.png`` ->
+    (``/images/train/aachen_000140_000019.png``,
+    ``/segmentation/train/aachen_000140_000019_gtFine.png``). A line that starts with
+    leftImg8bit but is not of that form raises DataError naming ``where`` (file:line).
+    """
+    text = line.strip()
+    if not text.lstrip("/").startswith("leftImg8bit/"):
+        return None
+    m = _U2PL_CITY.match(text)
+    if m is None:
+        raise DataError(f"list entry {where} {text!r} starts like a U2PL Cityscapes line but "
+                        f"is not 'leftImg8bit/<split>/<city>/<name>_leftImg8bit.png'; "
+                        f"fix the line, or use the CPS form '/images/<split>/<name>.png<TAB>"
+                        f"/segmentation/<split>/<name>_gtFine.png'")
+    split, name = m.group("split"), m.group("name")
+    return f"/images/{split}/{name}.png", f"/segmentation/{split}/{name}_gtFine.png"
+
+
 class CityscapesDataset(SegmentationDataset):
     """Cityscapes (CPS 'city' archive): list lines are
     ``/images/train/x.png<TAB>/segmentation/train/x_gtFine.png`` relative to `root`.
     The label column is optional for unlabelled lists. fn = label file name without extension
-    (image name when there is no label column). Labels are trainId maps (0-18, 255)."""
+    (image name when there is no label column). Labels are trainId maps (0-18, 255).
+    U2PL-form lines (``leftImg8bit/train/<city>/x_leftImg8bit.png``, one column) are mapped to
+    the CPS paths above (see :func:`u2pl_city_entry`), so U2PL's split lists load as they are."""
 
     layout = "city"
 
@@ -589,6 +622,9 @@ class CityscapesDataset(SegmentationDataset):
             if len(cols) > 2:
                 raise DataError(f"list entry {where} has {len(cols)} columns; expected "
                                 f"'<image path><TAB><label path>'")
+            u2pl = u2pl_city_entry(cols[0], where) if len(cols) == 1 else None
+            if u2pl is not None:
+                cols = list(u2pl)
             imgs = _join_entry(root, cols[0], where, allow_outside_root)
             label = (_join_entry(root, cols[1], where, allow_outside_root)
                      if len(cols) > 1 else None)
@@ -604,14 +640,17 @@ class CityscapesDataset(SegmentationDataset):
 def build_dataset(dataset: str, root: str, list_file: str, mode: str,
                   num_classes: Optional[int] = None, transform: Optional[TrainTransform] = None,
                   file_length: Optional[int] = None, seed: int = 0,
-                  stream: int = 0, allow_outside_root: bool = False) -> SegmentationDataset:
+                  stream: int = 0, allow_outside_root: bool = False,
+                  voc_folder: Optional[str] = None) -> SegmentationDataset:
     """Dataset of layout `dataset` ('voc' | 'city'); arguments as in SegmentationDataset;
-    ``allow_outside_root``: accept list entries that point outside `root`."""
+    ``allow_outside_root``: accept list entries that point outside `root`; ``voc_folder``:
+    the VOC folder under `root` (None: chosen from the list name; ignored for 'city')."""
     layout = canonical_layout(dataset)
+    extra = {"folder": voc_folder} if layout == "voc" else {}
     cls = VOCDataset if layout == "voc" else CityscapesDataset
     return cls(root, list_file, mode=mode, num_classes=num_classes, transform=transform,
                file_length=file_length, seed=seed, stream=stream,
-               allow_outside_root=allow_outside_root)
+               allow_outside_root=allow_outside_root, **extra)
 
 
 def _cfg(C, key, default=None):
@@ -623,18 +662,22 @@ def _cfg(C, key, default=None):
 
 
 def train_transform_from_config(C) -> TrainTransform:
-    """TrainTransform from image_height, image_width, train_scale_array, image_mean, image_std."""
+    """TrainTransform from image_height, image_width, train_scale_array, image_mean, image_std,
+    train_scale_mode and train_label_pad."""
     return TrainTransform(
         crop_hw=(int(_cfg(C, "image_height")), int(_cfg(C, "image_width"))),
         scales=list(_cfg(C, "train_scale_array", [0.5, 0.75, 1, 1.5, 1.75, 2.0])),
         mean=list(_cfg(C, "image_mean", [0.485, 0.456, 0.406])),
-        std=list(_cfg(C, "image_std", [0.229, 0.224, 0.225])))
+        std=list(_cfg(C, "image_std", [0.229, 0.224, 0.225])),
+        scale_mode=str(_cfg(C, "train_scale_mode", "choice")),
+        label_pad=_cfg(C, "train_label_pad", IGNORE_INDEX))
 
 
 def build_train_dataset(C, mode: str = "train", stream: int = 0,
                         file_length: Optional[int] = None) -> SegmentationDataset:
     """Training dataset from config: mode 'train' reads train_source, 'unlabeled' unsup_source;
-    length = file_length, else C.max_samples, else the list length."""
+    length = file_length, else C.max_samples, else the list length. VOC lists read the folder
+    C.voc_train_folder when set (else the one chosen from the list name)."""
     mode = canonical_mode(mode)
     key = "train_source" if mode == "train" else "unsup_source"
     root = check_root(_cfg(C, "dataset_path", ""), canonical_layout(_cfg(C, "dataset", "voc")))
@@ -645,7 +688,8 @@ def build_train_dataset(C, mode: str = "train", stream: int = 0,
                          num_classes=_cfg(C, "num_classes"),
                          transform=train_transform_from_config(C),
                          file_length=file_length, seed=int(_cfg(C, "seed", 0)), stream=stream,
-                         allow_outside_root=bool(_cfg(C, "allow_outside_root", False)))
+                         allow_outside_root=bool(_cfg(C, "allow_outside_root", False)),
+                         voc_folder=_cfg(C, "voc_train_folder"))
 
 
 def build_eval_dataset(C, source: Optional[str] = None) -> SegmentationDataset:

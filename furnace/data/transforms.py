@@ -39,13 +39,13 @@ def random_mirror(img: np.ndarray, label: Optional[np.ndarray], rng: np.random.G
 
 
 def random_scale(img: np.ndarray, label: Optional[np.ndarray], scales: Sequence[float],
-                 rng: np.random.Generator):
-    """Resize by a factor drawn uniformly from `scales`.
+                 rng: np.random.Generator, mode: str = "choice"):
+    """Resize by a factor drawn with :func:`draw_scale` (default: uniformly from `scales`).
 
     The new size is (int(H*s), int(W*s)); bilinear for the image (uint8), nearest for the label.
     Returns (img, label, s).
     """
-    s = float(scales[int(rng.integers(len(scales)))])
+    s = draw_scale(scales, rng, mode)
     h, w = img.shape[:2]
     nh, nw = max(1, int(h * s)), max(1, int(w * s))
     if (nh, nw) != (h, w):
@@ -53,6 +53,27 @@ def random_scale(img: np.ndarray, label: Optional[np.ndarray], scales: Sequence[
         if label is not None:
             label = cv2.resize(np.ascontiguousarray(label), (nw, nh), interpolation=cv2.INTER_NEAREST)
     return img, label, s
+
+
+SCALE_MODES = ("choice", "u2pl")
+
+
+def draw_scale(scales: Sequence[float], rng: np.random.Generator, mode: str = "choice") -> float:
+    """One random scale factor.
+
+    mode 'choice': uniform over the listed `scales`.
+    mode 'u2pl' (U2PL's RandResize): with probability 0.5 s ~ U[lo, 1.0), else s ~ U[1.0, hi),
+    lo = min(scales), hi = max(scales) (U2PL: [0.5, 2.0]). Not U[lo, hi]: half of the draws
+    shrink, half enlarge, whatever the interval lengths.
+    """
+    if mode == "choice":
+        return float(scales[int(rng.integers(len(scales)))])
+    if mode == "u2pl":
+        lo, hi = float(min(scales)), float(max(scales))
+        if rng.random() < 0.5:
+            return lo + (1.0 - lo) * float(rng.random())
+        return 1.0 + (hi - 1.0) * float(rng.random())
+    raise ValueError(f"train_scale_mode must be one of {SCALE_MODES}, got {mode!r}")
 
 
 def crop_start(size: int, crop: int, rng: np.random.Generator) -> int:
@@ -103,17 +124,22 @@ class TrainTransform:
 
     Args:
         crop_hw: (height, width) of the output crop in pixels.
-        scales: candidate scale factors (e.g. [0.5, 0.75, 1, 1.5, 1.75, 2.0]).
+        scales: candidate scale factors (e.g. [0.5, 0.75, 1, 1.5, 1.75, 2.0]); with
+            scale_mode 'u2pl' only their min and max are used (see :func:`draw_scale`).
         mean, std: RGB normalisation on the 0-1 scale.
+        scale_mode: 'choice' (one of `scales`) or 'u2pl' (two-interval draw).
+        label_pad: label value of the padded border (255 = ignore; U2PL pads with 0).
     Call:
         transform(img, label, rng) with img uint8 [H,W,3] RGB, label uint8 [H,W] or None and a
         `numpy.random.Generator`; returns (float32 [3, ch, cw], int64 [ch, cw] or None).
-        Padding: image 0.0 after normalisation (the mean colour), label 255.
+        Padding: image 0.0 after normalisation (the mean colour), label `label_pad`; top/left
+        get floor(pad/2), as U2PL's Crop.
     """
 
     def __init__(self, crop_hw: Tuple[int, int], scales: Sequence[float] = (1.0,),
                  mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225)):
+                 std: Sequence[float] = (0.229, 0.224, 0.225), scale_mode: str = "choice",
+                 label_pad: int = IGNORE_INDEX):
         if len(crop_hw) != 2 or int(crop_hw[0]) < 1 or int(crop_hw[1]) < 1:
             raise ValueError(f"TrainTransform: crop size must be two positive ints "
                              f"(image_height, image_width), got {crop_hw}")
@@ -123,14 +149,28 @@ class TrainTransform:
         if len(mean) != 3 or len(std) != 3 or any(float(s) == 0 for s in std):
             raise ValueError(f"TrainTransform: image_mean/image_std need 3 values (std non-zero), "
                              f"got mean={list(mean)} std={list(std)}")
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"TrainTransform: train_scale_mode must be one of {SCALE_MODES}, "
+                             f"got {scale_mode!r}")
+        if scale_mode == "u2pl" and not min(float(s) for s in scales) <= 1.0 <= max(
+                float(s) for s in scales):
+            raise ValueError(f"TrainTransform: train_scale_mode 'u2pl' draws from [min, 1) and "
+                             f"[1, max) of train_scale_array, which must enclose 1; got "
+                             f"{list(scales)} (U2PL: [0.5, 2.0])")
+        if isinstance(label_pad, bool) or int(label_pad) != label_pad or \
+                not 0 <= int(label_pad) <= 255:
+            raise ValueError(f"TrainTransform: train_label_pad must be an integer in 0..255, "
+                             f"got {label_pad!r}")
         self.crop_hw = (int(crop_hw[0]), int(crop_hw[1]))
         self.scales = [float(s) for s in scales]
+        self.scale_mode = scale_mode
+        self.label_pad = int(label_pad)
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
 
     def __call__(self, img: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator):
         img, label = random_mirror(img, label, rng)
-        img, label, _ = random_scale(img, label, self.scales, rng)
+        img, label, _ = random_scale(img, label, self.scales, rng, self.scale_mode)
         # Crop the uint8 image, normalise only the crop, then pad with 0.0: identical to the
         # reference's normalise-then-crop-and-pad, at a fraction of the cost.
         ch, cw = self.crop_hw
@@ -139,7 +179,7 @@ class TrainTransform:
         img = normalize(img[y0:y0 + ch, x0:x0 + cw], self.mean, self.std)
         if label is not None:
             label = label[y0:y0 + ch, x0:x0 + cw]
-        img, label = _pad_centred(img, label, self.crop_hw, 0.0, IGNORE_INDEX)
+        img, label = _pad_centred(img, label, self.crop_hw, 0.0, self.label_pad)
         data = np.ascontiguousarray(img.transpose(2, 0, 1))
         if label is not None:
             label = label.astype(np.int64)

@@ -181,7 +181,8 @@ def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int],
             raise EvalError(f"sample {item.get('fn')}: image {image.shape[:2]} and label "
                             f"{label.shape} differ in size")
         out = evaluator.predict(image)
-        label_t = torch.from_numpy(np.asarray(label)).to(dev)
+        # eval_mode 'center_pad' scores a padded crop: the ground truth follows it
+        label_t = evaluator.eval_label(torch.from_numpy(np.asarray(label)).to(dev))
         hist = cm.update(out.pred, label_t)
         if uncertainty is not None:
             pair = out.branch_logits
@@ -189,7 +190,8 @@ def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int],
                                None if pair is None else pair[1], pred=out.pred,
                                logits1=None if pair is None else pair[0])
         if save_dir is not None:
-            comp = make_composite(image, out.pred.cpu().numpy(), label, palette,
+            comp = make_composite(evaluator.eval_image(image), out.pred.cpu().numpy(),
+                                  label_t.cpu().numpy(), palette,
                                   None if out.var is None else out.var.cpu().numpy(),
                                   errors=True)
             save_rgb(save_dir / safe_name(item["fn"]), comp)

@@ -14,6 +14,19 @@ The numbers follow the reference ``Evaluator.sliding_eval`` / ``scale_process`` 
 What differs from the reference is speed only: normalisation and padding run in torch on the
 device, the windows of an image go through the network in batches of ``batch_windows``, only
 the evaluated branch is computed (QUIRK 9), and CUDA runs under bf16 autocast by default.
+
+Options for U2PL's protocols (docs: U2PL spec 5.4, 5.5), off by default:
+
+* ``average='logits'``: divide the summed window logits by the number of passes per pixel
+  (U2PL's Cityscapes ``eval.py``: sliding 769, stride 513, logits averaged). The argmax of one
+  scale is unchanged; the score and a multi-scale sum are not.
+* ``mode='center_pad'``: U2PL's VOC validation. Each image is padded (floor(pad/2) top/left,
+  0 after normalisation) and centre-cropped to ``crop x crop``, one forward, and the
+  prediction covers that crop; :meth:`SegEvaluator.eval_label` maps the ground truth to the same
+  frame, its padding set to ``label_pad`` (U2PL: 0, counted as background; 255 leaves it out).
+
+Networks that return logits smaller than their input (U2PL's decoder, stride 4) are upsampled
+to the input bilinearly with align_corners=True, as U2PL does; full-size logits are untouched.
 """
 from __future__ import annotations
 
@@ -25,8 +38,17 @@ from typing import Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 Window = Tuple[int, int, int, int]
+
+MODES = ("slide", "whole", "center_pad")
+AVERAGES = ("sum", "logits")
+
+
+def _upsample(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear, align_corners=True resize of [B, K, h, w] to [B, K, *size] (U2PL's choice)."""
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=True)
 
 
 # ----------------------------------------------------------------------------- window grid
@@ -92,6 +114,20 @@ def sliding_windows(h: int, w: int, crop: int, stride_rate: float = 2 / 3) -> Wi
                       (rows, cols), tuple(windows), crop_back)
 
 
+def center_pad_crop(t: torch.Tensor, crop: int, fill: float) -> torch.Tensor:
+    """``t`` [..., H, W] padded to at least ``crop`` per side with ``fill`` (floor(pad/2)
+    before, the rest after), then centre-cropped (offset (size - crop) // 2) to
+    [..., crop, crop]: U2PL's ``Crop(crop_type='center')``."""
+    h, w = int(t.shape[-2]), int(t.shape[-1])
+    ph, pw = max(crop - h, 0), max(crop - w, 0)
+    if ph or pw:
+        padded = t.new_full(tuple(t.shape[:-2]) + (h + ph, w + pw), fill)
+        padded[..., ph // 2:ph // 2 + h, pw // 2:pw // 2 + w] = t
+        t = padded
+    y0, x0 = (t.shape[-2] - crop) // 2, (t.shape[-1] - crop) // 2
+    return t[..., y0:y0 + crop, x0:x0 + crop]
+
+
 # ----------------------------------------------------------------------------- normalisation
 
 def normalization_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -129,9 +165,11 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
 class Prediction:
     """Result of :meth:`SegEvaluator.predict` for one ``H x W`` image (tensors on the device).
 
-    pred: int64 [H, W], the argmax class.
+    pred: int64 [H, W], the argmax class (mode 'center_pad': [crop, crop], the frame of
+        :meth:`SegEvaluator.eval_label`).
     score: [C, H, W] summed window logits over scales (float32 for one scale, float64 for
-        several, as the reference's accumulator).
+        several, as the reference's accumulator); with ``average='logits'`` each scale's
+        windows (and flips) are averaged instead of summed.
     var: float32 [H, W] variance map of the evaluated branch averaged over windows (and flips
         and scales), or None when not requested or the model has no variance head.
     logits: float32 [C, H, W] logits averaged over windows, flips and scales (the summed
@@ -157,7 +195,13 @@ class SegEvaluator:
     scales: image scale factors; their scores are summed.
     flip: add the logits of the horizontally flipped input, flipped back.
     mean, std: RGB normalisation on the 0-1 scale.
-    mode: 'slide' (reference windows) or 'whole' (one forward on the full normalised image).
+    mode: 'slide' (reference windows), 'whole' (one forward on the full normalised image) or
+        'center_pad' (U2PL VOC validation: one forward on the image padded/centre-cropped to
+        ``crop x crop``; single scale).
+    average: 'sum' (window logits summed, the reference) or 'logits' (averaged over the
+        passes that cover a pixel, U2PL).
+    label_pad: ground-truth value of the padding in mode 'center_pad' (255 = ignored;
+        U2PL: 0 = background).
     batch_windows: windows per forward (0 = all windows of an image at once).
     branch: 1, 2 or 'mean', used only with ``with_var`` (None: ``model.eval_branch`` or 1).
     channels_last: convert the model (in place) and the inputs to channels-last memory
@@ -175,11 +219,19 @@ class SegEvaluator:
                  batch_windows: int = 4, device: Union[str, torch.device] = "cpu",
                  amp: str = "off", with_var: bool = False,
                  branch: Union[int, str, None] = None, channels_last: bool = False,
-                 uncertainty: bool = False):
-        if mode not in ("slide", "whole"):
-            raise ValueError(f"eval_mode must be 'slide' or 'whole', got {mode!r}")
+                 uncertainty: bool = False, average: str = "sum", label_pad: int = 255):
+        if mode not in MODES:
+            raise ValueError(f"eval_mode must be one of {MODES}, got {mode!r}")
+        if average not in AVERAGES:
+            raise ValueError(f"eval_average must be one of {AVERAGES}, got {average!r}")
         if not scales:
             raise ValueError("eval_scale_array is empty; use [1] for single-scale evaluation")
+        if mode == "center_pad" and [float(s) for s in scales] != [1.0]:
+            raise ValueError(f"eval_mode 'center_pad' is single-scale (the prediction covers the "
+                             f"padded crop); set eval_scale_array=[1], got {list(scales)}")
+        if isinstance(label_pad, bool) or int(label_pad) != label_pad or \
+                not 0 <= int(label_pad) <= 255:
+            raise ValueError(f"eval_label_pad must be an integer in 0..255, got {label_pad!r}")
         if batch_windows < 0:
             raise ValueError(f"eval_batch_windows must be >= 0, got {batch_windows}")
         self.model = model
@@ -189,6 +241,9 @@ class SegEvaluator:
         self.scales = [float(s) for s in scales]
         self.flip = bool(flip)
         self.mode = mode
+        self.average = average
+        self.label_pad = int(label_pad)
+        self.mean_rgb = [float(m) for m in mean]
         self.batch_windows = int(batch_windows)
         self.device = torch.device(device)
         self.amp_dtype = resolve_amp(amp, self.device)
@@ -211,7 +266,28 @@ class SegEvaluator:
                    mean=C.image_mean, std=C.image_std, mode=C.get("eval_mode", "slide"),
                    batch_windows=C.get("eval_batch_windows", 4), device=device,
                    amp=C.get("amp", "off"), with_var=with_var, branch=C.get("eval_branch", 1),
-                   channels_last=channels_last, uncertainty=uncertainty)
+                   channels_last=channels_last, uncertainty=uncertainty,
+                   average=C.get("eval_average", "sum"),
+                   label_pad=C.get("eval_label_pad", 255))
+
+    # -- the frame that is scored ---------------------------------------------------------
+
+    def eval_label(self, label: torch.Tensor) -> torch.Tensor:
+        """Ground truth [H, W] in the frame of ``Prediction.pred``: unchanged, except in mode
+        'center_pad' where it is padded with ``label_pad`` and centre-cropped to the crop."""
+        if self.mode != "center_pad":
+            return label
+        return center_pad_crop(label, self.crop, self.label_pad)
+
+    def eval_image(self, image: np.ndarray) -> np.ndarray:
+        """uint8 RGB image [H, W, 3] in the frame of ``Prediction.pred`` (for pictures): in
+        mode 'center_pad' padded with the mean colour (what 0 after normalisation shows)."""
+        if self.mode != "center_pad":
+            return image
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        out = torch.stack([center_pad_crop(t[c], self.crop, int(round(m * 255)))
+                           for c, m in enumerate(self.mean_rgb)], -1)
+        return out.numpy()
 
     # -- network calls -------------------------------------------------------------------
 
@@ -253,6 +329,12 @@ class SegEvaluator:
         logits = logits.float()
         var = var.float() if var is not None else None
         pair = pair.float() if pair is not None else None
+        size = tuple(x.shape[-2:])
+        if tuple(logits.shape[-2:]) != size:  # a stride-4 decoder: upsample as U2PL does
+            logits = _upsample(logits, size)
+            var = _upsample(var[:, None], size)[:, 0] if var is not None else None
+            pair = (_upsample(pair.flatten(1, 2), size).view(*pair.shape[:3], *size)
+                    if pair is not None else None)
         if self.flip:
             logits = logits[:n] + logits[n:].flip(-1)
             if var is not None:
@@ -285,11 +367,18 @@ class SegEvaluator:
         h, w = int(image.shape[0]), int(image.shape[1])
         x = self._normalize(image)
         passes = 2.0 if self.flip else 1.0
-        if self.mode == "whole":
+        if self.mode in ("whole", "center_pad"):
+            if self.mode == "center_pad":   # pad with 0 after normalisation: the mean colour
+                x = center_pad_crop(x, self.crop, 0.0)
+                h = w = self.crop
             score, var, pair = self._forward(x[None])
+            score, pair = score[0], (pair[0] if pair is not None else None)
             count = torch.full((h, w), passes, device=self.device) if self.uncertainty else None
-            return (score[0], (var[0] if var is not None else None), count,
-                    (pair[0] if pair is not None else None))
+            if self.average == "logits" and passes != 1.0:
+                score = score / passes
+                pair = pair / passes if pair is not None else None
+                count = torch.ones_like(count) if count is not None else None
+            return score, (var[0] if var is not None else None), count, pair
 
         g = sliding_windows(h, w, self.crop, self.stride_rate)
         top, bottom, left, right = g.margin
@@ -303,7 +392,7 @@ class SegEvaluator:
 
         acc = torch.zeros(self.num_classes, ph, pw, device=self.device)
         var_acc = count = pair_acc = None
-        if self.with_var or self.uncertainty:
+        if self.with_var or self.uncertainty or self.average == "logits":
             count = torch.zeros(ph, pw, device=self.device)
         if self.with_var:
             var_acc = torch.zeros(ph, pw, device=self.device)
@@ -326,9 +415,15 @@ class SegEvaluator:
         y0, y1, x0, x1 = g.crop_back
         score = acc[:, y0:y1, x0:x1]
         var = (var_acc / count.clamp_min(1))[y0:y1, x0:x1] if var_acc is not None else None
-        passes = (count[y0:y1, x0:x1] * (2.0 if self.flip else 1.0)
-                  if self.uncertainty else None)
         pair = pair_acc[:, :, y0:y1, x0:x1] if pair_acc is not None else None
+        passes = None
+        if self.average == "logits":   # every pixel is covered by >= 1 window
+            n = count[y0:y1, x0:x1] * (2.0 if self.flip else 1.0)
+            score = score / n
+            pair = pair / n if pair is not None else None
+            passes = torch.ones_like(n) if self.uncertainty else None
+        elif self.uncertainty:
+            passes = count[y0:y1, x0:x1] * (2.0 if self.flip else 1.0)
         return score, var, passes, pair
 
     # -- one image ------------------------------------------------------------------------
@@ -349,14 +444,14 @@ class SegEvaluator:
             if self.uncertainty:  # averages per scale, resized like the score
                 mean = score / passes
                 pair = pair / passes if pair is not None else None
-                if tuple(score.shape[1:]) != (H, W):
+                if tuple(score.shape[1:]) != (H, W) and self.mode != "center_pad":
                     mean = self._resize(mean, H, W)
                     pair = (self._resize(pair.flatten(0, 1), H, W).view(2, -1, H, W)
                             if pair is not None else None)
                 mean_total = mean if mean_total is None else mean_total + mean
                 if pair is not None:
                     pair_total = pair if pair_total is None else pair_total + pair
-            if tuple(score.shape[1:]) != (H, W):
+            if tuple(score.shape[1:]) != (H, W) and self.mode != "center_pad":
                 score, var = self._resize_back(score, var, H, W)
             if len(self.scales) == 1:
                 total, var_total = score, var        # float32 argmax == float64 argmax here
