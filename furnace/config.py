@@ -89,7 +89,10 @@ OPTIONAL_STR = ("pretrained_model", "class_names", "train_source", "unsup_source
                 "snapshot_dir", "device", "voc_train_folder")
 # Keys whose value may be None or an int (derived when None).
 OPTIONAL_INT = ("num_train_imgs", "num_unsup_imgs", "max_samples", "niters_per_epoch",
-                "ohem_min_kept", "snapshot_keep", "snapshot_from", "stop_after_epoch")
+                "ohem_min_kept", "snapshot_keep", "snapshot_from", "stop_after_epoch",
+                "num_queries", "num_negatives")
+# Keys whose value may be None or a number.
+OPTIONAL_FLOAT = ("contrastive_weight",)
 
 
 def base_config() -> Config:
@@ -161,6 +164,29 @@ def base_config() -> Config:
     C.method = "dueb"
     C.dueb = Config(aleatoric=C.aleatoric, energy=C.energy)
     C.supervised_only = False                  # legacy: True selects method 'supervised'
+    # U2PL (methods u2pl and u2pl_suponly, spec methods/U2PL.md); defaults = its VOC code
+    C.u2pl = Config(
+        sup_only_epoch=1,              # warm-start epochs: student only, teacher BN passes
+        ema_decay=0.99,                # teacher = EMA of the student's parameters
+        head_lr_mult=10.0,             # decoder (+ aux) lr = lr x this (Cityscapes code: 1)
+        rep_head=True, rep_dim=256,    # representation head (SupOnly: no head)
+        aux_weight=0.0,                # > 0: auxiliary head on layer3 (Cityscapes: 0.4)
+        ohem_min_kept=100000,          # per process batch, as the reference (sup_loss=ohem)
+        cutmix_prob=0.5,               # one draw per step: CutMix the whole batch or not
+        drop_percent=80.0,             # percent of unlabelled pixels kept at epoch 0
+        unsup_weight=1.0,              # eta
+        unsup_weight_mode="reference",  # 'reference': x 1/kept-fraction; 'mean': plain mean
+        contrastive="reference",       # 'reference' (the code), 'paper' (Eqs. 14-15), 'off'
+        contrastive_weight=None,       # None: reference 1/world_size, paper 0.1
+        low_entropy_threshold=20.0,    # alpha_0 (percent) of the anchor/negative masks
+        low_rank=3, high_rank=20,      # negatives: the teacher ranks c in [low, high)
+        delta_p=0.3, delta_n=1.0,      # anchor / negative probability thresholds
+        num_queries=None,              # anchors per class; None: reference 256, paper 50
+        num_negatives=None,            # keys per anchor; None: reference 50, paper 256
+        temperature=0.5,
+        queue_size_first=50000, queue_size=30000,  # class 0's queue and the others'
+        save_queues=True,              # checkpoint the queues (the reference does not)
+    )
     # optimisation
     C.seed = 12345
     C.lr = 0.005
@@ -220,7 +246,8 @@ def _parse_value(key: str, text: str, current: Any, source: str) -> Any:
             if low == str(a).lower():
                 return a
         raise bad("one of " + ", ".join(map(str, allowed)))
-    if low in ("none", "null") and (current is None or leaf in OPTIONAL_STR + OPTIONAL_INT):
+    if low in ("none", "null") and (current is None
+                                    or leaf in OPTIONAL_STR + OPTIONAL_INT + OPTIONAL_FLOAT):
         return None
     if isinstance(current, bool):
         if low in _TRUE:
@@ -233,7 +260,7 @@ def _parse_value(key: str, text: str, current: Any, source: str) -> Any:
             return int(text)
         except ValueError:
             raise bad("an integer") from None
-    if isinstance(current, float):
+    if isinstance(current, float) or leaf in OPTIONAL_FLOAT:
         try:
             return float(text)
         except ValueError:
@@ -447,6 +474,30 @@ def validate(C: Config) -> None:
     for group in ("aleatoric", "energy"):
         for key in ("sup_weight", "unsup_weight"):
             number(f"{group}.{key}", 0)
+    integer("u2pl.sup_only_epoch", 0)
+    integer("u2pl.rep_dim", 1)
+    integer("u2pl.ohem_min_kept", 1)
+    integer("u2pl.low_rank", 0)
+    integer("u2pl.high_rank", 1)
+    integer("u2pl.num_queries", 1, optional=True)
+    integer("u2pl.num_negatives", 1, optional=True)
+    integer("u2pl.queue_size_first", 1)
+    integer("u2pl.queue_size", 1)
+    number("u2pl.ema_decay", 0, 1)
+    number("u2pl.head_lr_mult", 0, low_open=True)
+    number("u2pl.aux_weight", 0)
+    number("u2pl.cutmix_prob", 0, 1)
+    number("u2pl.drop_percent", 0, 100, low_open=True)
+    number("u2pl.unsup_weight", 0)
+    number("u2pl.low_entropy_threshold", 0, 50)
+    number("u2pl.temperature", 0, low_open=True)
+    if _get(C, "u2pl.contrastive_weight") is not None:
+        number("u2pl.contrastive_weight", 0)
+    for key, allowed in (("u2pl.contrastive", ("reference", "paper", "off")),
+                         ("u2pl.unsup_weight_mode", ("reference", "mean"))):
+        v = _get(C, key)
+        if v is not _MISSING and v not in allowed:
+            fail(key, f"one of {allowed}")
     for key in ("eval_scale_array", "train_scale_array"):
         v = C.get(key, [1])
         if (not isinstance(v, (list, tuple)) or not v

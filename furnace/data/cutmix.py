@@ -1,4 +1,5 @@
-"""CutMix box masks (REFERENCE 3.5) and the collate that attaches them to a batch.
+"""CutMix box masks (REFERENCE 3.5) and the collate that attaches them to a batch, and
+U2PL's one-box CutMix within a batch (spec methods/U2PL.md 3.4 step 3).
 
 A mask M is 1 where the mixed image takes the second unlabelled image:
 ``mixed = u0 * (1 - M) + u1 * M`` (REFERENCE 3.6).
@@ -174,3 +175,31 @@ class MaskCollate:
         masks = self.generator.generate_params(len(samples), (int(h), int(w)), rng)
         batch["mask"] = torch.from_numpy(masks)
         return batch
+
+
+def half_box(rng: np.random.RandomState, h: int, w: int) -> Tuple[int, int, int, int]:
+    """U2PL's CutMix box (x0, y0, bw, bh) covering about half of an h x w image.
+
+    Width uniform in [floor(w/2 + 1), w - 1], height round-half-even(h*w/2 / width), position
+    uniform inside the image; NumPy legacy draws in the order width, x0, y0 (the reference's
+    ``generate_cutout_mask``, so a seeded RandomState gives its boxes)."""
+    bw = int(rng.randint(int(w / 2 + 1), w))
+    bh = int(np.round(h * w / 2 / bw))
+    x0 = int(rng.randint(0, w - bw + 1))
+    y0 = int(rng.randint(0, h - bh + 1))
+    return x0, y0, bw, bh
+
+
+def mix_with_next(boxes: Sequence[Tuple[int, int, int, int]],
+                  *tensors: torch.Tensor) -> List[torch.Tensor]:
+    """Image i keeps its content outside box i and takes the box region from image
+    (i + 1) mod B, for every tensor alike ([B,...,H,W]: images, pseudo labels, confidences).
+    One box per image; with B = 1 the partner is the image itself (no change)."""
+    out = []
+    for t in tensors:
+        mixed = t.clone()
+        for i, (x0, y0, bw, bh) in enumerate(boxes):
+            j = (i + 1) % t.shape[0]
+            mixed[i, ..., y0:y0 + bh, x0:x0 + bw] = t[j, ..., y0:y0 + bh, x0:x0 + bw]
+        out.append(mixed)
+    return out

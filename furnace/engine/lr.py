@@ -28,7 +28,8 @@ class PolyLR:
 
 
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> None:
-    """Write ``lr`` into every parameter group of every optimiser (as the reference does)."""
+    """Write ``lr`` into every parameter group of every optimiser (as the reference does),
+    times the group's ``lr_mult`` where a method sets one (e.g. U2PL's 10x decoder lr)."""
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)

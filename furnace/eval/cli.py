@@ -138,7 +138,7 @@ def load_checkpoint(model: torch.nn.Module, path, trust_pickle: bool = False) ->
     from furnace.methods import method_names, get_method
     ckpt = load_file(path, trust_pickle=trust_pickle)
     name = checkpoint_method(ckpt)
-    key = get_method(name).checkpoint_model_key if name in method_names() else "model"
+    key = get_method(name).eval_weights_key(ckpt) if name in method_names() else "model"
     weights = {"model": ckpt[key]} if isinstance(ckpt, dict) and key in ckpt else ckpt
     load_model_weights(model, path, weights)
     epoch = checkpoint_epoch(path)

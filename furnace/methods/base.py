@@ -121,6 +121,12 @@ class Method:
         ``checkpoint_model_key`` entry of a checkpoint."""
         raise NotImplementedError
 
+    @classmethod
+    def eval_weights_key(cls, checkpoint: Mapping[str, Any]) -> str:
+        """The checkpoint entry eval.py loads into :meth:`build_eval_model`'s network
+        (default ``checkpoint_model_key``; a method may choose by the file's ``extra``)."""
+        return cls.checkpoint_model_key
+
     # -- checkpoints and logs
     def extra_state(self) -> Dict[str, Any]:
         """Method state beyond modules and optimisers (tensors, numbers, strings, lists,

@@ -12,11 +12,40 @@ def _dueb(aleatoric: bool, energy: bool) -> List[str]:
             "supervised_only=False"]
 
 
+# U2PL's training and evaluation settings (spec methods/U2PL.md sections 4 to 6): ResNet-101
+# at output stride 8 (its network always is), SGD with the decoder at 10x (VOC) or 1x
+# (Cityscapes), U2PL's random scale and label-0 crop padding, its evaluation protocols
+# (VOC: centre-padded 513 crops, padding labelled background; Cityscapes: 769 windows at
+# stride 513, logits averaged), validation after every epoch. Batch 16 is the global batch
+# of each stream (the reference: 4 GPUs x 4 for VOC, 8 x 2 for Cityscapes; SupOnly: 16).
+_U2PL_COMMON = ["backbone=resnet101", "stem=deep", "train_scale_mode=u2pl",
+                "train_label_pad=0", "eval_every=1", "eval_scale_array=[1]",
+                "eval_flip=False", "head_channels=256"]
+U2PL_VOC = _U2PL_COMMON + [
+    "lr=0.001", "weight_decay=0.0001", "nepochs=80", "image_height=513", "image_width=513",
+    "sup_loss=ce", "u2pl.head_lr_mult=10.0", "u2pl.sup_only_epoch=1", "u2pl.aux_weight=0.0",
+    "eval_mode=center_pad", "eval_crop_size=513", "eval_label_pad=0"]
+U2PL_CITY = _U2PL_COMMON + [
+    "lr=0.01", "weight_decay=0.0005", "nepochs=200", "image_height=769", "image_width=769",
+    "sup_loss=ohem", "ohem_thresh=0.7", "ohem_class_weight=False", "u2pl.ohem_min_kept=100000",
+    "u2pl.head_lr_mult=1.0", "u2pl.sup_only_epoch=0", "u2pl.aux_weight=0.4",
+    "eval_mode=slide", "eval_crop_size=769", "eval_stride_rate=0.6666666666666666",
+    "eval_average=logits"]
+# the demo keeps its own budget, data and lr (the same as every other demo-table row); the
+# decoder lr is not multiplied (its lr was chosen for a decoder at 1x)
+U2PL_DEMO = ["u2pl.head_lr_mult=1.0"]
+
 #: method -> preset -> key=value strings (train.py, trainal.py, traine.py, traincpcl.py)
 BUILTIN_PRESETS: Dict[str, Mapping[str, List[str]]] = {
     "dueb": {"full": _dueb(True, True), "aleatoric": _dueb(True, False),
              "energy": _dueb(False, True), "cpcl": _dueb(False, False)},
     "supervised": {},
+    # U2PL's settings per experiment folder (spec methods/U2PL.md 4 and 6): scripts
+    # exp_*/trainu2pl.py and trainu2pl_suponly.py pick the folder's preset
+    "u2pl": {"voc": U2PL_VOC + ["batch_size=16"], "city": U2PL_CITY + ["batch_size=16"],
+             "demo": U2PL_DEMO},
+    "u2pl_suponly": {"voc": U2PL_VOC + ["batch_size=16"], "city": U2PL_CITY + ["batch_size=16"],
+                     "demo": U2PL_DEMO},
 }
 
 
