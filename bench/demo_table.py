@@ -13,6 +13,7 @@ the std as error bars). Methods:
     trainal  aleatoric terms only
     traine   energy terms only
     dueb     full DUEB (train.py)
+    u2pl     U2PL (trainu2pl.py: mean teacher, reliable pseudo labels, contrastive loss)
     full     supervised only on all training labels (the upper bound)
 
 Each run is the code path of the experiment scripts (furnace.engine.trainer.train, then
@@ -46,11 +47,12 @@ METHODS = {
     "trainal": ("trainal (aleatoric)", "dueb", "aleatoric", []),
     "traine": ("traine (energy)", "dueb", "energy", []),
     "dueb": ("DUEB (train.py)", "dueb", "full", []),
+    "u2pl": ("U2PL (trainu2pl.py)", "u2pl", "demo", []),
     # every training image labelled: the full list as the labelled source
     "full": ("supervised, all labels", "supervised", None,
              ["train_source=train_aug.txt", "num_train_imgs=1000"]),
 }
-COLOURS = {"sup": "#999", "cpcl": "#6a9", "trainal": "#59c", "traine": "#c95", "dueb": "#c55",
+COLOURS = {"sup": "#999", "cpcl": "#6a9", "trainal": "#59c", "traine": "#c95", "dueb": "#c55", "u2pl": "#95c",
            "full": "#555"}
 
 
