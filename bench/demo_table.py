@@ -52,8 +52,8 @@ METHODS = {
     "full": ("supervised, all labels", "supervised", None,
              ["train_source=train_aug.txt", "num_train_imgs=1000"]),
 }
-COLOURS = {"sup": "#999", "cpcl": "#6a9", "trainal": "#59c", "traine": "#c95", "dueb": "#c55", "u2pl": "#95c",
-           "full": "#555"}
+COLOURS = {"sup": "#999", "cpcl": "#6a9", "trainal": "#59c", "traine": "#c95", "dueb": "#c55",
+           "u2pl": "#95c", "full": "#555"}
 
 
 def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) -> dict:

@@ -1,4 +1,5 @@
-"""Benchmark: one DUEB training iteration, ours against a literal step in the reference order.
+"""Benchmark: one DUEB training iteration, ours against a literal step in the reference order,
+and one U2PL iteration on the same batch.
 
     python bench/train_step.py [--configs resnet18:128 resnet50:256 ...] [--repeat N]
 
@@ -19,6 +20,12 @@ after one warm-up each. Peak memory: CPU, the profiler's allocation events (as i
 bench/losses.py: peak bytes allocated above the start of the step, weights and inputs
 excluded); CUDA, ``torch.cuda.max_memory_allocated`` above the starting allocation.
 On CUDA a third row runs ours with ``fuse_passes`` and bf16 autocast.
+
+The ``u2pl`` row is one U2PL iteration after its warm start (``furnace.methods.u2pl``: teacher
+pass on the unlabelled batch, CutMix, student and train-mode teacher passes on [labelled ;
+mixed], reliable pseudo-label CE, contrastive loss with its queues, SGD step, EMA update) on
+the same labelled and unlabelled images (B=2 each), its own network (U2PL decoder, output
+stride 8, representation head); speed-up and memory ratio are against the literal DUEB step.
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from furnace.config import load_config  # noqa: E402
 from furnace.engine.trainer import DUEBStep, amp_dtype, make_optimizer  # noqa: E402
+from furnace.methods import MethodContext  # noqa: E402
+from furnace.methods.u2pl import U2PL  # noqa: E402
 from furnace.models import build_network  # noqa: E402
 from literal import LiteralBayesCE, literal_energy, literal_pseudo, literal_unsup_ce  # noqa: E402
 from losses import peak_bytes  # noqa: E402
@@ -109,6 +118,19 @@ def our_step(step, opts, batch):
     return values
 
 
+def u2pl_step(method, batch):
+    """One engine iteration of U2PL in its semi-supervised phase (epoch 2, EMA active)."""
+    lab, u0, _ = batch
+    opt = method.optimizers["optimizer"]
+    opt.zero_grad(set_to_none=True)
+    _, terms, _ = method.train_step([lab, u0], iteration=25, epoch=2,
+                                    backward=torch.Tensor.backward)
+    values = torch.stack([v.float() for v in terms.values()]).tolist()
+    opt.step()
+    method.after_step(iteration=25, epoch=2)
+    return values
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -154,13 +176,17 @@ def bench_one(backbone, size, device, repeat, B=2):
         fopts = (make_optimizer(fmodel.branch1, C), make_optimizer(fmodel.branch2, C))
         fstep = DUEBStep(fmodel, Cf, batch_per_process=B, amp=amp_dtype(Cf, device))
         runs["ours fused+bf16"] = lambda: our_step(fstep, fopts, batch)
+    u2pl = U2PL(C, MethodContext(device=device, batch_per_process=B, niters_per_epoch=10))
+    u2pl.train_mode()
+    runs["u2pl"] = lambda: u2pl_step(u2pl, batch)
     times = {k: [] for k in runs}
     for k, fn in runs.items():
         fn()  # warm-up (allocator, oneDNN/cuDNN kernels)
     for _ in range(repeat):
         for k, fn in runs.items():
             times[k].append(timed(fn, device))
-    leaves = list(model.parameters()) + list(lit_model.parameters())
+    leaves = list(model.parameters()) + list(lit_model.parameters()) + \
+        list(u2pl.student.parameters()) + list(u2pl.teacher.parameters())
     mem = {k: peak(fn, device, leaves) for k, fn in runs.items()}
     return {k: (statistics.median(v), mem[k]) for k, v in times.items()}
 

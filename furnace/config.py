@@ -208,6 +208,7 @@ def base_config() -> Config:
     C.snapshot_keep = None                     # keep the last K epoch files (None: all)
     C.snapshot_every_iters = 0                 # >0: also a resumable epoch-last.pth every N
     C.eval_every = 0                           # >0: validate every N epochs, keep best.pth
+    C.eval_uncertainty = False                 # True: validation adds AUROC/AUPR/ECE
     C.snapshot_dir = None                      # <log_dir>/snapshot
     C.log_dir = "log"                          # relative to the experiment folder
     C.tb_images_every = 200                    # iterations between tensorboard image dumps

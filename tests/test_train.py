@@ -296,3 +296,19 @@ def test_p_means_one_thing_in_train_and_eval(capsys):
     assert err == ["error: -p 16005: -p is eval.py's folder for saved images; the master port "
                    "of train.py is --port (e.g. --port 16005)"]
     assert build_parser("x").parse_args(["--port", "16005"]).port == "16005"
+
+
+def test_validation_during_training_reports_uncertainty(voc_root, tmp_path, monkeypatch,
+                                                        capsys):
+    run_script(ROOT / "exp_voc" / "train.py",
+               overrides(voc_root, tmp_path, ["nepochs=1", "eval_every=1",
+                                              "eval_uncertainty=true", "eval_crop_size=48"]),
+               monkeypatch)
+    log = next((tmp_path / "log").glob("train_*.log")).read_text()
+    assert "# val epoch 1: mIoU" in log
+    rows = re.findall(r"# val epoch 1 (variance|entropy|1-msp|disagreement)\s+([\d.]+)\s+"
+                      r"([\d.]+)", log)
+    assert [r[0] for r in rows] == ["variance", "entropy", "1-msp", "disagreement"]
+    assert all(0.0 <= float(a) <= 1.0 and 0.0 <= float(b) <= 1.0 for _, a, b in rows)
+    assert re.search(r"# val epoch 1 ECE \(15 bins, softmax confidence\): [\d.]+%", log)
+    assert "ECE (15 bins" in capsys.readouterr().out

@@ -422,10 +422,21 @@ def _validate(method, C: Config, info: DistInfo, log: _TrainLog, epoch: int, nit
         # trains exactly as one without)
         devices = [info.device] if info.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            m = evaluate_model(method.eval_model(), C, str(info.device))
+            m = evaluate_model(method.eval_model(), C, str(info.device),
+                               uncertainty=bool(C.get("eval_uncertainty", False)))
         miou = float(m["miou"])
         step = (epoch + 1) * niters_full
         log.scalars({"miou": miou, "pixel_acc": float(m["pixel_acc"])}, step, prefix="val")
+        if "uncertainty" in m:
+            u = m["uncertainty"]
+            values = {"ece": float(u["ece"])}
+            for name, s in u["scores"].items():
+                values.update({f"auroc_{name}": float(s["auroc"]),
+                               f"aupr_{name}": float(s["aupr"])})
+            log.scalars(values, step, prefix="val_uncertainty")
+            for line in m["uncertainty_text"].splitlines():
+                log.line(f"# val epoch {epoch + 1} {line}")
+            print(m["uncertainty_text"], flush=True)
         improved = best is None or miou > best
         log.line(f"# val epoch {epoch + 1}: mIoU {100 * miou:.3f}% pixel acc "
                  f"{100 * float(m['pixel_acc']):.3f}% ({time.time() - t0:.1f}s)"
