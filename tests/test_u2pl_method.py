@@ -27,9 +27,6 @@ TINY = ["backbone=resnet18", "pretrained_model=none", "image_height=48", "image_
         "labeled_ratio=2", "tb_images_every=1"]
 
 
-U2PL_VOC_EVAL = ["eval_mode=center_pad", "eval_label_pad=0"]
-
-
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory):
     return make_voc(tmp_path_factory.mktemp("voc"), n_train=16, n_val=3, num_classes=5)
@@ -124,9 +121,9 @@ def test_tiny_run_resumes_bit_identically_and_evaluates(voc_root, tmp_path, monk
     assert log.count("# val epoch") == 3
 
     from furnace.eval.cli import main as eval_main
-    # eval.py reads the folder's config.py: U2PL's protocol comes from --set, as the README
+    # evalu2pl.py: the folder's config with U2PL's preset (network and protocol)
     res = eval_main(ROOT / "exp_voc", ["-e", "last", "-d", "cpu"]
-                    + overrides(voc_root, straight)[2:] + U2PL_VOC_EVAL)
+                    + overrides(voc_root, straight)[2:], method="u2pl", preset="voc")
     assert len(res) == 1 and 0.0 <= res[0]["miou"] <= 1.0
     # eval.py evaluates the teacher (the file's eval_key): the same number as the teacher
     # weights evaluated here through the same path (channels_last as eval.py)

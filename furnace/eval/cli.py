@@ -499,9 +499,12 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
     return results
 
 
-def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
+def main(exp_dir, argv: Optional[Sequence[str]] = None, *, method: Optional[str] = None,
+         preset: Optional[str] = None) -> List[Dict[str, object]]:
     """Entry point of ``exp_*/eval.py``; returns the result dicts (see :func:`run`).
 
+    ``method``/``preset``: apply a method's preset before --set, as its train script does
+    (``evalu2pl.py``: U2PL's network and evaluation protocol for this folder).
     User errors (config, data, missing or mismatched checkpoint, bad -e/-d) print one line
     ``error: ...`` to stderr and exit with code 2.
     """
@@ -510,7 +513,9 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object
     try:
         from furnace.engine.cli import log_legacy_env
         log_legacy_env()
-        C = load_config(exp_dir, args.overrides)
+        from furnace.methods.presets import script_overrides
+        C = load_config(exp_dir, args.overrides,
+                        preset=script_overrides(method, preset) if method else ())
         if args.print_config:
             from furnace.engine.cli import config_lines
             print("\n".join(config_lines(C)))
