@@ -14,6 +14,7 @@ the std as error bars). Methods:
     traine   energy terms only
     dueb     full DUEB (train.py)
     u2pl     U2PL (trainu2pl.py: mean teacher, reliable pseudo labels, contrastive loss)
+    u2plsup  U2PL's SupOnly baseline (trainu2pl_suponly.py: its network, labelled data only)
     full     supervised only on all training labels (the upper bound)
 
 Each run is the code path of the experiment scripts (furnace.engine.trainer.train, then
@@ -48,12 +49,13 @@ METHODS = {
     "traine": ("traine (energy)", "dueb", "energy", []),
     "dueb": ("DUEB (train.py)", "dueb", "full", []),
     "u2pl": ("U2PL (trainu2pl.py)", "u2pl", "demo", []),
+    "u2plsup": ("U2PL SupOnly", "u2pl_suponly", "demo", []),
     # every training image labelled: the full list as the labelled source
     "full": ("supervised, all labels", "supervised", None,
              ["train_source=train_aug.txt", "num_train_imgs=1000"]),
 }
 COLOURS = {"sup": "#999", "cpcl": "#6a9", "trainal": "#59c", "traine": "#c95", "dueb": "#c55",
-           "u2pl": "#95c", "full": "#555"}
+           "u2pl": "#95c", "u2plsup": "#bbb", "full": "#555"}
 
 
 def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) -> dict:

@@ -76,11 +76,9 @@ def downsample_labels(label: torch.Tensor, size) -> torch.Tensor:
 def u2pl_sgd(net: torch.nn.Module, C: Config) -> torch.optim.SGD:
     """SGD with two groups: the encoder (lr) and the rest (lr x head_lr_mult); weight decay
     on every parameter, BN and biases included, as the reference."""
-    enc = [p for n, p in net.named_parameters() if n.startswith("encoder.")]
-    head = [p for n, p in net.named_parameters() if not n.startswith("encoder.")]
     mult = float(C.u2pl.head_lr_mult)
-    groups = [dict(params=enc, lr=C.lr, lr_mult=1.0, name="backbone"),
-              dict(params=head, lr=C.lr * mult, lr_mult=mult, name="head")]
+    groups = [dict(params=net.backbone_parameters(), lr=C.lr, lr_mult=1.0, name="backbone"),
+              dict(params=net.head_parameters(), lr=C.lr * mult, lr_mult=mult, name="head")]
     return torch.optim.SGD(groups, lr=C.lr, momentum=C.momentum, weight_decay=C.weight_decay)
 
 
