@@ -63,7 +63,7 @@ def test_c2_student_logits():
     assert student.grad[0, :, 0, 2].abs().sum() == 0, "the dropped pixel gets no gradient"
     # 'mean' drops the 1/kept-fraction factor (quirk 8 as an option)
     mean, _ = reliable_pseudo_label_loss(student, target, 80.0, torch.log(as_map(P)), "mean")
-    assert float(mean) == pytest.approx(1.690694 * 3 / 4, abs=1e-6)
+    assert mean.item() == pytest.approx(1.690694 * 3 / 4, abs=1e-6)
 
 
 def test_percentile_matches_numpy_on_random_data():
