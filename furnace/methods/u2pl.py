@@ -102,18 +102,12 @@ class SupervisedLoss:
         return loss
 
 
-class _Autocast:
-    def __init__(self, amp):
-        self.amp = amp
-
-    def __call__(self, device: torch.device):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.amp)
-
-
-def _raw(net, x, autocast) -> Dict[str, torch.Tensor]:
-    with autocast(x.device):
+def _raw(net, x: torch.Tensor, amp) -> Dict[str, torch.Tensor]:
+    """The network's raw outputs (stride-4 ``pred``, ``rep``, ``aux``) under autocast ``amp``
+    (None: full precision), half precision upcast to float32 for the losses."""
+    cast = (torch.autocast(x.device.type, dtype=amp) if amp is not None
+            else contextlib.nullcontext())
+    with cast:
         out = net(x, raw=True)
     return {k: upcast(v) for k, v in out.items()}
 
@@ -141,7 +135,7 @@ class U2PL(Method):
         self.modules = {"model": self.student, "teacher": self.teacher}
         self.optimizers = {"optimizer": u2pl_sgd(self.student, C)}
         self.sup_loss = SupervisedLoss(C)
-        self.autocast = _Autocast(ctx.amp)
+        self.amp = ctx.amp
         self.niters = int(ctx.niters_per_epoch)
         self.nepochs = int(C.nepochs)
         # identical on every rank (the reference seeds NumPy alike everywhere), so boxes and
@@ -187,11 +181,11 @@ class U2PL(Method):
         n = x_l.shape[0]
         self.student.train()
         if not self.teacher_active(epoch):
-            out = _raw(self.student, x_l, self.autocast)
+            out = _raw(self.student, x_l, self.amp)
             loss = self.sup_loss(out, y_l, n)
             self.teacher.train()
             with torch.no_grad():
-                self.teacher(x_l, raw=True)          # only the teacher's BN statistics
+                _raw(self.teacher, x_l, self.amp)    # only the teacher's BN statistics
             backward(loss)
             loss = loss.detach()
             extras = {"image": x_l, "label": y_l,
@@ -204,20 +198,20 @@ class U2PL(Method):
         size = x_u.shape[-2:]
         with torch.no_grad():
             self.teacher.eval()
-            prob = torch.softmax(upsample(_raw(self.teacher, x_u, self.autocast)["pred"],
+            prob = torch.softmax(upsample(_raw(self.teacher, x_u, self.amp)["pred"],
                                           size), dim=1)
-            conf, pseudo = prob.max(dim=1)
-            self.teacher.train()
+            pseudo = prob.argmax(dim=1)    # (the confidences the reference also mixes
+            self.teacher.train()           # are never used afterwards)
         mixed = float(self.rng.uniform(0, 1) < float(self.o.cutmix_prob))
         if mixed:
             boxes = [half_box(self.rng, size[0], size[1]) for _ in range(x_u.shape[0])]
-            x_u, pseudo, conf = mix_with_next(boxes, x_u, pseudo, conf)
+            x_u, pseudo = mix_with_next(boxes, x_u, pseudo)
 
         x_all = torch.cat([x_l, x_u])
-        out = _raw(self.student, x_all, self.autocast)
+        out = _raw(self.student, x_all, self.amp)
         sup = self.sup_loss(out, y_l, n)
         with torch.no_grad():
-            t_out = _raw(self.teacher, x_all, self.autocast)
+            t_out = _raw(self.teacher, x_all, self.amp)
             t_prob = torch.softmax(t_out["pred"], dim=1)            # stride 4
             t_logits_u = upsample(t_out["pred"][n:], size)
         keep = keep_percent(float(self.o.drop_percent), epoch, self.nepochs)
@@ -346,11 +340,11 @@ class U2PLSupOnly(Method):
         self.modules = {"model": self.net}
         self.optimizers = {"optimizer": u2pl_sgd(self.net, C)}
         self.sup_loss = SupervisedLoss(C)
-        self.autocast = _Autocast(ctx.amp)
+        self.amp = ctx.amp
 
     def train_step(self, batches, *, iteration, epoch, backward):
         (lab,) = batches
-        out = _raw(self.net, lab["data"], self.autocast)
+        out = _raw(self.net, lab["data"], self.amp)
         loss = self.sup_loss(out, lab["label"], lab["data"].shape[0])
         backward(loss)
         loss = loss.detach()
