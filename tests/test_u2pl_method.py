@@ -135,6 +135,13 @@ def test_tiny_run_resumes_bit_identically_and_evaluates(voc_root, tmp_path, monk
     net.load_state_dict(last["teacher"])
     mine = evaluate_model(net, C, "cpu", channels_last=True)
     assert mine["miou"] == pytest.approx(res[0]["miou"], abs=1e-12)
+    # plain eval.py builds the U2PL network the checkpoint names, with the folder's protocol
+    plain = eval_main(ROOT / "exp_voc", ["-e", "last", "-d", "cpu"]
+                      + overrides(voc_root, straight)[2:] + ["eval_mode=whole"])
+    C_whole = load_config(ROOT / "exp_voc", overrides(voc_root, straight)[3:]
+                          + ["eval_mode=whole"])
+    whole = evaluate_model(net, C_whole, "cpu", channels_last=True)
+    assert plain[0]["miou"] == pytest.approx(whole["miou"], abs=1e-12)
 
 
 def test_suponly_trains_without_teacher_or_rep_head(voc_root, tmp_path, monkeypatch):
