@@ -171,3 +171,17 @@ def test_torchrun_two_processes(voc_root, tmp_path):
     assert m and float(m.group(1)) == 0.0
     state = ck.load_file(tmp_path / "log" / "snapshot" / "epoch-1.pth")
     assert sum(q.shape[0] for q in state["extra"]["queues"]["queues"]) > 0
+
+
+def test_checkpoint_of_another_backbone_is_named(tmp_path):
+    from furnace.engine.checkpoint import CheckpointError, load_model_weights
+    from furnace.models import U2PLNetwork
+    small = U2PLNetwork(5, "resnet18", inner_planes=8, rep_dim=4)
+    torch.save({"model": small.state_dict()}, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match="backbone=resnet18 but the config has "
+                                              "backbone=resnet50"):
+        load_model_weights(U2PLNetwork(5, "resnet50", inner_planes=8, rep_dim=4),
+                           tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match="num_classes=5 but the config has num_classes=7"):
+        load_model_weights(U2PLNetwork(7, "resnet18", inner_planes=8, rep_dim=4),
+                           tmp_path / "x.pth")

@@ -271,12 +271,16 @@ def model_state(ckpt: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 def describe_state(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """Infer backbone name and class count from a dual-branch state dict (None if unknown)."""
+    """Infer backbone name and class count from a dual-branch (``branch1.*``) or U2PL
+    (``encoder.*``, ``decoder.classifier.*``) state dict (None if unknown)."""
     cls = state.get("branch1.classifier.weight")
+    if cls is None and "decoder.classifier.8.weight" in state:   # U2PL's last 1x1 conv
+        cls = state["decoder.classifier.8.weight"]
     num_classes = int(cls.shape[0]) if cls is not None else None
+    prefix = "branch1.backbone" if any(k.startswith("branch1.") for k in state) else "encoder"
     blocks = {int(m.group(1)) for k in state
-              for m in [re.match(r"branch1\.backbone\.layer3\.(\d+)\.", k)] if m}
-    bottleneck = "branch1.backbone.layer1.0.conv3.weight" in state
+              for m in [re.match(re.escape(prefix) + r"\.layer3\.(\d+)\.", k)] if m}
+    bottleneck = f"{prefix}.layer1.0.conv3.weight" in state
     n = len(blocks)
     names = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50",
              (23, True): "resnet101"}
