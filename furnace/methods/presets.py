@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional
 
-from ..config import ConfigError
+from ..config import ConfigError, data_root
 
 
 def _dueb(aleatoric: bool, energy: bool) -> List[str]:
@@ -18,7 +18,10 @@ def _dueb(aleatoric: bool, energy: bool) -> List[str]:
 # (VOC: centre-padded 513 crops, padding labelled background; Cityscapes: 769 windows at
 # stride 513, logits averaged), validation after every epoch. Batch 16 is the global batch
 # of each stream (the reference: 4 GPUs x 4 for VOC, 8 x 2 for Cityscapes; SupOnly: 16).
-_U2PL_COMMON = ["backbone=resnet101", "stem=deep", "train_scale_mode=u2pl",
+_U2PL_COMMON = ["backbone=resnet101", "stem=deep",
+                # the CPS v1c file; U2PL's own resnet101.pth has the same keys
+                "pretrained_model=" + data_root("pytorch-weight", "resnet101_v1c.pth"),
+                "train_scale_mode=u2pl",
                 "train_label_pad=0", "eval_every=1", "eval_scale_array=[1]",
                 "eval_flip=False", "head_channels=256"]
 U2PL_VOC = _U2PL_COMMON + [
