@@ -23,7 +23,7 @@ _U2PL_COMMON = ["backbone=resnet101", "stem=deep",
                 "pretrained_model=" + data_root("pytorch-weight", "resnet101_v1c.pth"),
                 "train_scale_mode=u2pl",
                 "train_label_pad=0", "eval_every=1", "eval_scale_array=[1]",
-                "eval_flip=False", "head_channels=256"]
+                "eval_flip=False", "head_channels=256", "batch_size=16"]
 U2PL_VOC = _U2PL_COMMON + [
     "lr=0.001", "weight_decay=0.0001", "nepochs=80", "image_height=513", "image_width=513",
     "sup_loss=ce", "u2pl.head_lr_mult=10.0", "u2pl.sup_only_epoch=1", "u2pl.aux_weight=0.0",
@@ -45,10 +45,8 @@ BUILTIN_PRESETS: Dict[str, Mapping[str, List[str]]] = {
     "supervised": {},
     # U2PL's settings per experiment folder (spec methods/U2PL.md 4 and 6): scripts
     # exp_*/trainu2pl.py and trainu2pl_suponly.py pick the folder's preset
-    "u2pl": {"voc": U2PL_VOC + ["batch_size=16"], "city": U2PL_CITY + ["batch_size=16"],
-             "demo": U2PL_DEMO},
-    "u2pl_suponly": {"voc": U2PL_VOC + ["batch_size=16"], "city": U2PL_CITY + ["batch_size=16"],
-                     "demo": U2PL_DEMO},
+    "u2pl": {"voc": U2PL_VOC, "city": U2PL_CITY, "demo": U2PL_DEMO},
+    "u2pl_suponly": {"voc": U2PL_VOC, "city": U2PL_CITY, "demo": U2PL_DEMO},
 }
 
 
