@@ -1,6 +1,9 @@
 """Tiny datasets on disk in the VOC and Cityscapes layouts of the CPS archives (for tests)."""
 import hashlib
 import os
+import runpy
+import socket
+import sys
 from pathlib import Path
 
 import cv2
@@ -83,3 +86,16 @@ def tree_digest(root):
             h.update(os.path.relpath(p, root).encode())
             h.update(Path(p).read_bytes())
     return h.hexdigest()
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for torchrun / gloo process groups in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(path, args, monkeypatch):
+    """Run an experiment script as ``python path args...`` in this process."""
+    monkeypatch.setattr(sys, "argv", [str(path)] + list(args))
+    runpy.run_path(str(path), run_name="__main__")

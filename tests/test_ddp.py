@@ -1,14 +1,13 @@
 """torchrun with 2 CPU processes (gloo): one set of checkpoints, identical replicas."""
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
-from helpers import make_voc
+from helpers import free_port, make_voc
 from furnace.engine import checkpoint as ck
 
 TINY = ["backbone=resnet18", "pretrained_model=none", "image_height=48", "image_width=48",
@@ -16,18 +15,12 @@ TINY = ["backbone=resnet18", "pretrained_model=none", "image_height=48", "image_
         "snapshot_from=-1", "aleatoric.samples=2"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes(tmp_path):
     root = make_voc(tmp_path / "voc", n_train=12, n_val=2, num_classes=21)
     log = tmp_path / "log"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(ROOT / "exp_voc" / "train.py"), "-d", "cpu",
+           f"--master_port={free_port()}", str(ROOT / "exp_voc" / "train.py"), "-d", "cpu",
            "--set", f"dataset_path={root}", f"log_dir={log}", "labeled_ratio=2", *TINY]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -110,7 +103,7 @@ def test_torchrun_signal_on_one_rank_stops_all_ranks_together(tmp_path):
     log = tmp_path / "log"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(exp / "train.py"), "-d", "cpu",
+           f"--master_port={free_port()}", str(exp / "train.py"), "-d", "cpu",
            "--set", f"dataset_path={root}", f"log_dir={log}", "labeled_ratio=2",
            "pretrained_model=none", "image_height=32", "image_width=32", "batch_size=4",
            "nepochs=2", "niters_per_epoch=5", "num_workers=0", "train_scale_array=[1.0]",
@@ -141,7 +134,7 @@ def test_torchrun_one_image_per_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     tiny = [a for a in TINY if not a.startswith(("batch_size", "nepochs"))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(ROOT / "exp_voc" / "train.py"), "-d", "cpu",
+           f"--master_port={free_port()}", str(ROOT / "exp_voc" / "train.py"), "-d", "cpu",
            "--set", f"dataset_path={root}", f"log_dir={log}", "labeled_ratio=2",
            "num_classes=5", "batch_size=2", "nepochs=1", *tiny]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)

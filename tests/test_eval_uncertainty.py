@@ -4,7 +4,6 @@ import contextlib
 import io
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
+from helpers import free_port
 from furnace.eval.uncertainty import (ECE_BINS, SCORES, UncertaintyMeter, binned_aupr,
                                       binned_auroc, format_uncertainty, js_divergence,
                                       softmax_scores)
@@ -272,12 +272,6 @@ def test_merge_state_and_errors():
         UncertaintyMeter(6, ranges={"variance": (0.0, 1.0)})
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gloo_worker(rank, port, case, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=2)
@@ -292,7 +286,7 @@ def _gloo_worker(rank, port, case, out):
 def test_all_reduce_across_two_gloo_processes():
     case = _random_case(7)
     out = mp.Manager().dict()
-    mp.spawn(_gloo_worker, args=(_port(), case, out), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(free_port(), case, out), nprocs=2, join=True)
     whole = UncertaintyMeter(6)
     whole.update(case[0], case[3], case[2], case[1])
     ref = whole.state()

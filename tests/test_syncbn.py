@@ -1,18 +1,12 @@
 """The CPU SyncBatchNorm: two gloo processes on half batches equal BatchNorm on the whole."""
 import os
-import socket
 
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
+from helpers import free_port
 from furnace.engine.syncbn import convert_sync_batchnorm
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, port, x, gy, out):
@@ -35,7 +29,7 @@ def test_two_process_syncbn_equals_full_batch_bn():
     torch.manual_seed(1)
     x, gy = torch.randn(4, 3, 5, 6) * 2 + 1, torch.randn(4, 3, 5, 6)
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_port(), x, gy, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), x, gy, out), nprocs=2, join=True)
     bn = torch.nn.BatchNorm2d(3).train()
     xf = x.clone().requires_grad_(True)
     y = bn(xf)

@@ -1,15 +1,13 @@
 """Training engine: every script runs, loss = sum of public-API terms, switches, resume, NaN."""
 import re
-import runpy
 from pathlib import Path
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from helpers import make_city, make_voc
+from helpers import make_city, make_voc, run_script
 from furnace.config import load_config
 from furnace.engine import checkpoint as ck
 from furnace.engine.trainer import DUEBStep
@@ -31,11 +29,6 @@ def voc_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def city_root(tmp_path_factory):
     return make_city(tmp_path_factory.mktemp("city"), n_train=12, n_val=3)
-
-
-def run_script(path, args, monkeypatch):
-    monkeypatch.setattr(sys, "argv", [str(path)] + list(args))
-    runpy.run_path(str(path), run_name="__main__")
 
 
 def overrides(root, tmp_path, extra=()):

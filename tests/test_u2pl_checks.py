@@ -3,7 +3,6 @@
 The expected numbers were computed with the reference functions (spec section 0)."""
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import free_port
 from furnace.data.cutmix import half_box, mix_with_next
 from furnace.engine.lr import PolyLR, set_lr
 from furnace.losses import OhemCrossEntropy
@@ -254,12 +254,6 @@ def test_c11_weight_rule():
     assert contrastive_weights(0.1, 8) == (0.1, 0.1)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 GLOO = r'''
 import os, sys, json
 import torch, torch.distributed as dist
@@ -294,7 +288,7 @@ def test_gloo_two_processes_gather_keys_and_c11(tmp_path):
     script.write_text(GLOO)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(script), str(tmp_path)]
+           f"--master_port={free_port()}", str(script), str(tmp_path)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     import json

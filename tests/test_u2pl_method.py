@@ -2,8 +2,6 @@
 (queues included) and evaluates with eval.py, the 2-process torchrun run, SupOnly."""
 import os
 import re
-import runpy
-import socket
 import subprocess
 import sys
 
@@ -11,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers import make_voc
+from helpers import free_port, make_voc, run_script
 from furnace.config import base_config, load_config
 from furnace.engine.cli import script_preset
 from furnace.eval.cli import evaluate_model
@@ -30,11 +28,6 @@ TINY = ["backbone=resnet18", "pretrained_model=none", "image_height=48", "image_
 @pytest.fixture(scope="module")
 def voc_root(tmp_path_factory):
     return make_voc(tmp_path_factory.mktemp("voc"), n_train=16, n_val=3, num_classes=5)
-
-
-def run_script(path, args, monkeypatch):
-    monkeypatch.setattr(sys, "argv", [str(path)] + list(args))
-    runpy.run_path(str(path), run_name="__main__")
 
 
 def overrides(root, out, extra=()):
@@ -152,16 +145,10 @@ def test_suponly_trains_without_teacher_or_rep_head(voc_root, tmp_path, monkeypa
     assert not any("representation" in k for k in state["model"])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes(voc_root, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(ROOT / "exp_voc" / "trainu2pl.py"),
+           f"--master_port={free_port()}", str(ROOT / "exp_voc" / "trainu2pl.py"),
            *overrides(voc_root, tmp_path, ["nepochs=2", "u2pl.sup_only_epoch=0"])]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
