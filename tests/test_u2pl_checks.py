@@ -48,7 +48,7 @@ def test_c2_dpa_threshold(epoch, gamma):
     # all-zero student logits: 4/3 ln 3 at every epoch (pixel 2 is the only one dropped)
     target = torch.tensor([[[0, 0, 1, 0]]])
     loss, kept = reliable_pseudo_label_loss(torch.zeros(1, 3, 1, 4, dtype=D64), target,
-                                            kappa, torch.log(as_map(P)))
+                                            kappa, entropy(as_map(P)))
     assert float(loss) == pytest.approx(4 / 3 * math.log(3), abs=1e-6)
     assert float(kept) == 0.75
     assert target.tolist() == [[[0, 0, 1, 0]]], "the caller's pseudo labels are not modified"
@@ -57,12 +57,12 @@ def test_c2_dpa_threshold(epoch, gamma):
 def test_c2_student_logits():
     student = as_map([[2, 0, -1], [0.5, 1.5, 0], [0, 0, 0], [1, 0, 3]]).requires_grad_()
     target = torch.tensor([[[0, 0, 1, 0]]])
-    loss, _ = reliable_pseudo_label_loss(student, target, 80.0, torch.log(as_map(P)))
+    loss, _ = reliable_pseudo_label_loss(student, target, 80.0, entropy(as_map(P)))
     assert loss.item() == pytest.approx(1.690694, abs=1e-6)
     loss.backward()
     assert student.grad[0, :, 0, 2].abs().sum() == 0, "the dropped pixel gets no gradient"
     # 'mean' drops the 1/kept-fraction factor (quirk 8 as an option)
-    mean, _ = reliable_pseudo_label_loss(student, target, 80.0, torch.log(as_map(P)), "mean")
+    mean, _ = reliable_pseudo_label_loss(student, target, 80.0, entropy(as_map(P)), "mean")
     assert mean.item() == pytest.approx(1.690694 * 3 / 4, abs=1e-6)
 
 

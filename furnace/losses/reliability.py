@@ -58,7 +58,7 @@ def keep_percent(drop_percent: float, epoch: int, nepochs: int) -> float:
 
 
 def reliable_pseudo_label_loss(student_logits: torch.Tensor, target: torch.Tensor,
-                               keep: float, teacher_logits: torch.Tensor,
+                               keep: float, teacher_entropy: torch.Tensor,
                                weight_mode: str = "reference", ignore_index: int = 255
                                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """U2PL's unsupervised loss on the reliable pixels.
@@ -68,7 +68,8 @@ def reliable_pseudo_label_loss(student_logits: torch.Tensor, target: torch.Tenso
         target: [B,H,W] int64 pseudo labels (not modified).
         keep: entropy percentile kappa in (0, 100]; pixels with H >= pct(H, kappa) are
             dropped (ties dropped, so the maximum-entropy pixel always is when kappa < 100).
-        teacher_logits: [B,C,H,W] logits whose softmax entropy decides reliability.
+        teacher_entropy: [B,H,W] :func:`entropy` of the teacher's softmax, which decides
+            reliability (the contrastive masks use the same map, so it is computed once).
         weight_mode: ``reference``: the mean CE over kept pixels times B*H*W / N_keep (the
             code's lambda_u on an already averaged CE, i.e. 1/kept-fraction); ``mean``: the
             mean CE over kept pixels (Eq. 3 x Eq. 8 of the paper read literally).
@@ -76,7 +77,7 @@ def reliable_pseudo_label_loss(student_logits: torch.Tensor, target: torch.Tenso
         (loss 0-d, kept fraction 0-d). With no kept pixel the loss is 0 (with a graph).
     """
     with torch.no_grad():
-        h = entropy(torch.softmax(teacher_logits.detach(), dim=1))
+        h = teacher_entropy.detach()
         valid = target != ignore_index
         thresh = percentile(h[valid], keep)
         target = target.clone()

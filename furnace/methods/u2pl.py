@@ -213,18 +213,19 @@ class U2PL(Method):
         with torch.no_grad():
             t_out = _raw(self.teacher, x_all, self.amp)
             t_prob = torch.softmax(t_out["pred"], dim=1)            # stride 4
-            t_logits_u = upsample(t_out["pred"][n:], size)
+            # the reliability of both losses: entropy of the train-mode teacher's softmax
+            h = entropy(torch.softmax(upsample(t_out["pred"][n:], size), dim=1))
         keep = keep_percent(float(self.o.drop_percent), epoch, self.nepochs)
         unsup, kept = reliable_pseudo_label_loss(
-            upsample(out["pred"][n:], size), pseudo, keep, t_logits_u,
-            self.o.unsup_weight_mode, IGNORE)
+            upsample(out["pred"][n:], size), pseudo, keep, h, self.o.unsup_weight_mode,
+            IGNORE)
         unsup = float(self.o.unsup_weight) * unsup
         terms = {"loss_sup": sup.detach(), "loss_unsup": unsup.detach(), "kept": kept,
                  "cutmix": torch.tensor(mixed, device=x_l.device)}
         loss = sup + unsup
         if self.o.contrastive != "off":
-            contra = self._contrastive(out["rep"], t_out["rep"], t_prob, t_logits_u, y_l,
-                                       pseudo, epoch, n, terms)
+            contra = self._contrastive(out["rep"], t_out["rep"], t_prob, h, y_l, pseudo,
+                                       epoch, n, terms)
             loss = loss + self.contrastive_weight * contra
             # logged as the reference prints it: the mean over processes (the engine's
             # reduction) of loss_weight x L_c, without the 1/W its gradient carries
@@ -237,10 +238,9 @@ class U2PL(Method):
                   "logits": upsample(out["pred"][:n].detach(), y_l.shape[-2:])}
         return loss, terms, extras
 
-    def _contrastive(self, rep, rep_t, t_prob, t_logits_u, y_l, pseudo, epoch, n, terms):
+    def _contrastive(self, rep, rep_t, t_prob, h, y_l, pseudo, epoch, n, terms):
         o = self.o
         with torch.no_grad():
-            h = entropy(torch.softmax(t_logits_u, dim=1))
             valid = pseudo != IGNORE
             alpha = unreliable_percent(float(o.low_entropy_threshold), epoch, self.nepochs)
             low, high = entropy_masks(h, valid, alpha)
