@@ -78,19 +78,20 @@ CHOICES = {
     "output_stride": (8, 16),
     "eval_branch": (1, 2, "mean"),
     "eval_mode": ("slide", "whole", "center_pad"),
+    "val_eval_mode": (None, "slide", "whole", "center_pad"),
     "eval_average": ("sum", "logits"),
     "train_scale_mode": ("choice", "u2pl"),
     "amp": ("auto", "off", "bf16", "fp16"),
     "sup_loss": ("ce", "ohem"),
 }
 
-# Keys whose value may be None or a string path.
-OPTIONAL_STR = ("pretrained_model", "class_names", "train_source", "unsup_source",
+# Keys whose value may be None or a string.
+OPTIONAL_STR = ("onehot", "pretrained_model", "class_names", "train_source", "unsup_source",
                 "snapshot_dir", "device", "voc_train_folder")
 # Keys whose value may be None or an int (derived when None).
 OPTIONAL_INT = ("num_train_imgs", "num_unsup_imgs", "max_samples", "niters_per_epoch",
                 "ohem_min_kept", "snapshot_keep", "snapshot_from", "stop_after_epoch",
-                "num_queries", "num_negatives")
+                "num_queries", "num_negatives", "reference_gpus")
 # Keys whose value may be None or a number.
 OPTIONAL_FLOAT = ("contrastive_weight",)
 
@@ -171,13 +172,14 @@ def base_config() -> Config:
         head_lr_mult=10.0,             # decoder (+ aux) lr = lr x this (Cityscapes code: 1)
         rep_head=True, rep_dim=256,    # representation head (SupOnly: no head)
         aux_weight=0.0,                # > 0: auxiliary head on layer3 (Cityscapes: 0.4)
-        ohem_min_kept=100000,          # per process batch, as the reference (sup_loss=ohem)
+        ohem_min_kept=100000,          # per reference group (GPU), as the reference (ohem)
         cutmix_prob=0.5,               # one draw per step: CutMix the whole batch or not
         drop_percent=80.0,             # percent of unlabelled pixels kept at epoch 0
         unsup_weight=1.0,              # eta
         unsup_weight_mode="reference",  # 'reference': x 1/kept-fraction; 'mean': plain mean
         contrastive="reference",       # 'reference' (the code), 'paper' (Eqs. 14-15), 'off'
-        contrastive_weight=None,       # None: reference 1/world_size, paper 0.1
+        contrastive_weight=None,       # None: reference 1/reference_gpus, paper 0.1
+        onehot=None,                   # None: reference 'union' (label_onehot), paper 'exact'
         low_entropy_threshold=20.0,    # alpha_0 (percent) of the anchor/negative masks
         low_rank=3, high_rank=20,      # negatives: the teacher ranks c in [low, high)
         delta_p=0.3, delta_n=1.0,      # anchor / negative probability thresholds
@@ -196,9 +198,13 @@ def base_config() -> Config:
     C.batch_size = 8
     C.nepochs = 40
     C.niters_per_epoch = None                  # max_samples // batch_size
+    # the reference's GPU count W: per-GPU quantities are computed over batch_size / W images
+    # per stream (furnace/methods/groups.py); None: one group per process
+    C.reference_gpus = None
     C.warm_up_epoch = 0
     C.fuse_passes = False
-    C.amp = "auto"                             # auto: bf16 on CUDA, off on CPU
+    # the references train in fp32; 'bf16' is the speed option on GPUs (auto: bf16 on CUDA)
+    C.amp = "off"
     C.deterministic = False
     C.debug = 0                                # >0: only this many iterations per epoch
     # checkpoints and logs
@@ -221,6 +227,9 @@ def base_config() -> Config:
     # 'slide' windows, 'whole' image, or 'center_pad': U2PL's VOC val (pad/centre-crop to
     # eval_crop_size, one forward, mIoU over the crop; single scale)
     C.eval_mode = "slide"
+    # eval_mode of the validation during training (None: eval_mode); U2PL's Cityscapes code
+    # validates on the central crop (center_pad) and keeps the best by that number
+    C.val_eval_mode = None
     C.eval_average = "sum"                     # windows' logits 'sum' (CPS) or 'logits' mean (U2PL)
     C.eval_label_pad = 255                     # center_pad: label of the padding (U2PL: 0)
     C.eval_batch_windows = 4
@@ -459,6 +468,10 @@ def validate(C: Config) -> None:
     integer("head_channels", 1)
     integer("snapshot_every_iters", 0, fix="0 saves only after epochs")
     integer("eval_every", 0, fix="0 turns validation during training off")
+    integer("reference_gpus", 1, optional=True, fix="none: one group per process")
+    if C.get("reference_gpus") is not None and C.batch_size % C.reference_gpus:
+        fail("reference_gpus", f"a divisor of batch_size={C.batch_size}",
+             "batch_size is the reference's per-GPU batch times its GPU count")
     if "method" in C and (not isinstance(C.method, str) or not C.method.strip()):
         fail("method", "a method name", "e.g. dueb or supervised (furnace/methods/)")
     integer("aleatoric.samples", 1)
@@ -494,6 +507,10 @@ def validate(C: Config) -> None:
     number("u2pl.temperature", 0, low_open=True)
     if _get(C, "u2pl.contrastive_weight") is not None:
         number("u2pl.contrastive_weight", 0)
+    v = _get(C, "u2pl.onehot")
+    if v is not _MISSING and v not in (None, "union", "exact"):
+        fail("u2pl.onehot", "none, 'union' or 'exact'",
+             "union: the reference's one-hot (image 0 holds the batch's labels)")
     for key, allowed in (("u2pl.contrastive", ("reference", "paper", "off")),
                          ("u2pl.unsup_weight_mode", ("reference", "mean"))):
         v = _get(C, key)
@@ -517,7 +534,8 @@ def validate(C: Config) -> None:
             min(C.train_scale_array) <= 1 <= max(C.train_scale_array)):
         fail("train_scale_array", "a list whose min <= 1 <= max with train_scale_mode='u2pl'",
              "U2PL draws from [min, 1) and [1, max); e.g. --set train_scale_array=[0.5,2.0]")
-    if C.get("eval_mode") == "center_pad" and [float(x) for x in C.eval_scale_array] != [1.0]:
+    if "center_pad" in (C.get("eval_mode"), C.get("val_eval_mode")) and [
+            float(x) for x in C.eval_scale_array] != [1.0]:
         fail("eval_scale_array", "[1] with eval_mode='center_pad'",
              "that protocol is single-scale; --set eval_scale_array=[1]")
     for key in ("image_mean", "image_std"):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from furnace.config import load_config
 from furnace.engine.checkpoint import atomic_save
-from furnace.eval import cli
+from furnace.eval import cli, loop
 from furnace.eval.cli import EvalError, link_file, parse_devices, shard_indices
 from furnace.eval.visualize import BAR_WIDTH, colorize, get_palette, make_composite
 
@@ -211,7 +211,7 @@ def test_reference_model_key_layout(voc_exp, tmp_path):
     model = TinyDual(21)
     model.load_state_dict(state)
     model.train()
-    m = cli.evaluate_model(model, C, "cpu")
+    m = loop.evaluate_model(model, C, "cpu")
     assert np.array_equal(m["hist"], a[0]["hist"]) and m["miou"] == a[0]["miou"]
     assert model.training
 

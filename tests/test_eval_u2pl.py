@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from furnace.config import ConfigError, base_config, load_config
 from furnace.data import build_eval_dataset
-from furnace.eval import cli
+from furnace.eval import cli, loop
 from furnace.eval.evaluator import SegEvaluator, normalization_lut
 from furnace.eval.metrics import confusion_histogram
 
@@ -128,7 +128,7 @@ def test_center_pad_miou_end_to_end(tmp_path):
         C = base_config()
         C.update(dataset_path=str(tmp_path), num_classes=NC, eval_crop_size=40,
                  eval_mode="center_pad", eval_label_pad=label_pad, num_workers=0)
-        res = cli.evaluate_model(net, C, "cpu", build_eval_dataset(C))
+        res = loop.evaluate_model(net, C, "cpu", build_eval_dataset(C))
         want = sum(confusion_histogram(u2pl_center_eval(net, im, lb, 40, label_pad)[1],
                                        u2pl_center_eval(net, im, lb, 40, label_pad)[2], NC)
                    for im, lb in zip(imgs, labels)).numpy()

@@ -301,7 +301,7 @@ def test_all_reduce_across_two_gloo_processes():
 def test_eval_cli_uncertainty_one_and_two_processes(voc_exp, tmp_path):  # noqa: F811
     from furnace.config import load_config
     from furnace.engine.checkpoint import atomic_save
-    from furnace.eval import cli
+    from furnace.eval import cli, loop
     from test_eval_cli import TinyDual
     C = load_config(voc_exp["exp"], [f"snapshot_dir={tmp_path / 'snap'}",
                                       f"log_dir={tmp_path / 'log'}"])
@@ -328,7 +328,7 @@ def test_eval_cli_uncertainty_one_and_two_processes(voc_exp, tmp_path):  # noqa:
     # the last float32 bits of the logits depend on it, and can move a pixel across a bin)
     model = tiny_factory(C)
     model.load_state_dict(torch.load(tmp_path / "snap" / "epoch-last.pth")["model"])
-    m = cli.evaluate_model(model, C, "cpu", uncertainty=True, channels_last=True)
+    m = loop.evaluate_model(model, C, "cpu", uncertainty=True, channels_last=True)
     assert m["uncertainty"]["scores"] == u1["scores"]
 
 

@@ -15,7 +15,8 @@ from furnace.data.cutmix import half_box, mix_with_next
 from furnace.engine.lr import PolyLR, set_lr
 from furnace.losses import OhemCrossEntropy
 from furnace.losses.contrastive import (MemoryBank, class_ranks, gather_rows,
-                                        negative_masks, unreliable_contrastive_loss)
+                                        label_onehot, negative_masks,
+                                        unreliable_contrastive_loss)
 from furnace.losses.reliability import (entropy, entropy_masks, keep_percent, percentile,
                                         reliable_pseudo_label_loss, unreliable_percent)
 from furnace.methods.u2pl import contrastive_weights, downsample_labels
@@ -172,7 +173,8 @@ def test_c5_negative_rules(mode, expected):
 def test_ranks_and_negative_window():
     prob = as_map([(0.4, 0.3, 0.05, 0.25)])
     assert class_ranks(prob)[0, :, 0, 0].tolist() == [0, 1, 3, 2]
-    neg = negative_masks(torch.tensor([[[255]]]), torch.tensor([[[2]]]), prob, prob,
+    neg = negative_masks(label_onehot(torch.tensor([[[255]]]), 4),
+                         label_onehot(torch.tensor([[[2]]]), 4), prob, prob,
                          torch.tensor([[[True]]]), mode="paper", low_rank=3, high_rank=4)
     assert neg[0].sum() == 0, "an ignored labelled pixel is never a negative"
     assert neg[1, :, 0, 0].tolist() == [False, False, True, False]

@@ -12,7 +12,7 @@ from conftest import ROOT
 from helpers import free_port, make_voc, run_script
 from furnace.config import base_config, load_config
 from furnace.engine.cli import script_preset
-from furnace.eval.cli import evaluate_model
+from furnace.eval.loop import evaluate_model
 from furnace.engine import checkpoint as ck
 from furnace.methods import MethodContext
 from furnace.methods.u2pl import U2PL
@@ -153,7 +153,8 @@ def test_torchrun_two_processes(voc_root, tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     text = next((tmp_path / "log").glob("train_*.log")).read_text()
-    assert "world_size=2" in text and "weight 0.5" in text   # contrastive: 1/W
+    # the VOC preset's 4 reference GPUs: 2 groups per process, contrastive weight 1/4
+    assert "world_size=2 reference_groups=2/process of 4" in text and "weight 0.25" in text
     m = re.search(r"max parameter difference across 2 ranks: (\S+)", text)
     assert m and float(m.group(1)) == 0.0
     state = ck.load_file(tmp_path / "log" / "snapshot" / "epoch-1.pth")

@@ -28,6 +28,7 @@ from ..config import Config
 from ..data import TrainLoaders, per_process_batch
 from ..data.demo import prepare_from_config
 from ..methods import STREAMS, MethodContext, get_method, method_name
+from ..methods.groups import reference_groups
 from . import checkpoint as ckpt_io
 from .dist import (DistInfo, average_gradients, broadcast_module, max_rank_divergence,
                    reduce_mean)
@@ -238,9 +239,11 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
     niters_full = C.niters_per_epoch
     niters = min(C.debug, niters_full) if C.debug else niters_full
     amp = amp_dtype(C, device)
+    groups = reference_groups(C.get("reference_gpus"), C.batch_size, info.world_size,
+                              info.rank)
     ctx = MethodContext(device=device, batch_per_process=batch, amp=amp, rank=info.rank,
                         world_size=info.world_size, niters_per_epoch=niters_full,
-                        prepare=lambda m: _prepare(m, info, device))
+                        groups=groups, prepare=lambda m: _prepare(m, info, device))
     method = cls(C, ctx)
     optimizers = list(method.optimizers.values())
     scaler = grad_scaler(device, enabled=amp is torch.float16)
@@ -279,7 +282,8 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
     policy = PolyLR(C.lr, C.lr_power, C.nepochs * niters_full, niters_full * C.warm_up_epoch)
     log = _TrainLog(C, info.is_main)
     log.line(f"# furnace {__version__}: method={cls.name} {method.describe()} "
-             f"world_size={info.world_size} device={device} amp={C.amp} config={C.to_dict()}")
+             f"world_size={info.world_size} reference_groups={groups.per_process}/process "
+             f"of {groups.total} device={device} amp={C.amp} config={C.to_dict()}")
     if resume:
         log.line(f"# resumed from {resume} at epoch {start_epoch} iteration {start_idx}")
     try:
@@ -416,13 +420,14 @@ def _validate(method, C: Config, info: DistInfo, log: _TrainLog, epoch: int, nit
     """Evaluate the method's eval model on the val list (rank 0), log mIoU, keep best.pth.
     Returns the best mIoU so far (a fraction)."""
     if info.is_main:
-        from ..eval.cli import evaluate_model
+        from ..eval.loop import evaluate_model, validation_config
         t0 = time.time()
         # validation must not move the training RNG streams (a run with eval_every then
         # trains exactly as one without)
         devices = [info.device] if info.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            m = evaluate_model(method.eval_model(), C, str(info.device),
+            m = evaluate_model(method.eval_model(), validation_config(C),
+                               str(info.device),
                                uncertainty=bool(C.get("eval_uncertainty", False)))
         miou = float(m["miou"])
         step = (epoch + 1) * niters_full

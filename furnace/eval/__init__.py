@@ -15,8 +15,8 @@ Public API::
     format_uncertainty(result), save_reliability_diagram(result, path)
     furnace.eval.cli.main(exp_dir, argv=None) -> [result dict]   (the eval.py command line)
     furnace.eval.cli.run(C, epochs, devices, ...) -> [result dict]
-    furnace.eval.cli.evaluate_model(model, C, device, uncertainty=False) -> metrics dict
-        (validation in training)
+    furnace.eval.loop.evaluate_model(model, C, device, uncertainty=False) -> metrics dict
+        (validation in training, with furnace.eval.loop.validation_config(C))
 """
 from .evaluator import Prediction, SegEvaluator, WindowGrid, normalization_lut, sliding_windows
 from .metrics import ConfusionMatrix, compute_metrics, confusion_histogram, format_results

@@ -33,15 +33,11 @@ from furnace.config import ConfigError, add_config_arguments, load_config
 from furnace.data import DataError, build_eval_dataset
 from furnace.data.demo import prepare_from_config
 
-from .evaluator import SegEvaluator
-from .metrics import ConfusionMatrix, compute_metrics, format_results
+from .loop import EvalError, evaluate_indices
+from .metrics import compute_metrics, format_results
 from .snapshots import checkpoint_epoch, resolve_checkpoints
 from .uncertainty import UncertaintyMeter, format_uncertainty, save_reliability_diagram
-from .visualize import get_class_names, get_palette, make_composite, safe_name, save_rgb
-
-
-class EvalError(ValueError):
-    """A problem with the evaluation request; the message says what to fix."""
+from .visualize import get_class_names
 
 
 # ----------------------------------------------------------------------------- devices
@@ -126,10 +122,6 @@ def checkpoint_method_of(path, trust_pickle: bool = False) -> str:
     return checkpoint_method(load_file(path, trust_pickle=trust_pickle))
 
 
-def _identity(x):
-    return x
-
-
 def load_checkpoint(model: torch.nn.Module, path, trust_pickle: bool = False) -> Optional[int]:
     """Load the evaluation weights of ``path`` into ``model`` (the entry the method that wrote
     it names, ``model`` for DUEB and reference files); returns the checkpoint's epoch (or
@@ -145,86 +137,6 @@ def load_checkpoint(model: torch.nn.Module, path, trust_pickle: bool = False) ->
     if epoch is None and isinstance(ckpt, dict) and isinstance(ckpt.get("epoch"), int):
         epoch = ckpt["epoch"]
     return epoch
-
-
-def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int], device: str,
-                     save_dir: Optional[Path] = None,
-                     on_image: Optional[Callable[[torch.Tensor], None]] = None,
-                     channels_last: bool = True,
-                     uncertainty: Optional[UncertaintyMeter] = None) -> np.ndarray:
-    """Evaluate ``dataset[i]`` for i in ``indices`` on ``device``; returns the hist [C, C].
-
-    ``save_dir``: write composites there. ``on_image(hist_of_image)`` is called after each
-    image (the per-image histogram stays on the device). ``channels_last`` converts the
-    model in place (faster convolutions). ``uncertainty``: a meter (on ``device``) that
-    every image is added to (both branches then run).
-    """
-    dev = torch.device(device)
-    model.to(dev).eval()
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    evaluator = SegEvaluator.from_config(model, C, device=dev, with_var=save_dir is not None,
-                                         channels_last=channels_last,
-                                         uncertainty=uncertainty is not None)
-    cm = ConfusionMatrix(C.num_classes, dev)
-    palette = get_palette(C.dataset, C.num_classes) if save_dir is not None else None
-    workers = int(C.get("num_workers", 0)) if dev.type == "cuda" else 0
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
-                                         batch_size=None, collate_fn=_identity,
-                                         num_workers=workers)
-    for item in loader:
-        image, label = item["data"], item.get("label")
-        if label is None:
-            raise EvalError(f"sample {item.get('fn')} of {C.eval_source} has no label; "
-                            "evaluation needs ground truth (use a list with labels)")
-        if tuple(label.shape) != tuple(image.shape[:2]):
-            raise EvalError(f"sample {item.get('fn')}: image {image.shape[:2]} and label "
-                            f"{label.shape} differ in size")
-        out = evaluator.predict(image)
-        # eval_mode 'center_pad' scores a padded crop: the ground truth follows it
-        label_t = evaluator.eval_label(torch.from_numpy(np.asarray(label)).to(dev))
-        hist = cm.update(out.pred, label_t)
-        if uncertainty is not None:
-            pair = out.branch_logits
-            uncertainty.update(out.logits, out.var, label_t,
-                               None if pair is None else pair[1], pred=out.pred,
-                               logits1=None if pair is None else pair[0])
-        if save_dir is not None:
-            comp = make_composite(evaluator.eval_image(image), out.pred.cpu().numpy(),
-                                  label_t.cpu().numpy(), palette,
-                                  None if out.var is None else out.var.cpu().numpy(),
-                                  errors=True)
-            save_rgb(save_dir / safe_name(item["fn"]), comp)
-        if on_image is not None:
-            on_image(hist)
-    return cm.numpy()
-
-
-def evaluate_model(model: torch.nn.Module, C, device: str = "cpu", dataset=None,
-                   channels_last: bool = False, uncertainty: bool = False
-                   ) -> Dict[str, object]:
-    """Evaluate ``model`` (in eval mode, on ``device``) on C.eval_source in this process.
-
-    For validation inside training: no checkpoint, no logs, the model's memory format is left
-    alone unless ``channels_last``. Returns :func:`compute_metrics` of the histogram plus
-    ``hist`` (int64 [C, C]); with ``uncertainty`` also ``uncertainty``
-    (:meth:`UncertaintyMeter.compute`) and ``uncertainty_text`` (:func:`format_uncertainty`).
-    """
-    if dataset is None:
-        dataset = build_eval_dataset(C)
-    meter = UncertaintyMeter(C.num_classes, device) if uncertainty else None
-    was_training = model.training
-    try:
-        hist = evaluate_indices(model, C, dataset, range(len(dataset)), device,
-                                channels_last=channels_last, uncertainty=meter)
-    finally:
-        model.train(was_training)
-    out = compute_metrics(hist)
-    out["hist"] = hist
-    if meter is not None:
-        out["uncertainty"] = meter.compute()
-        out["uncertainty_text"] = format_uncertainty(out["uncertainty"])
-    return out
 
 
 def _worker(rank: int, C, path: str, device: str, indices: range, save_dir, verbose: bool,

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["MemoryBank", "ContrastiveStats", "class_ranks", "negative_masks",
-           "unreliable_contrastive_loss", "MODES"]
+__all__ = ["MemoryBank", "ContrastiveStats", "ContrastiveMasks", "class_ranks",
+           "label_onehot", "negative_masks", "contrastive_masks", "negative_keys",
+           "contrastive_from_masks", "unreliable_contrastive_loss", "MODES"]
 
 MODES = ("reference", "paper")
 
@@ -103,31 +104,48 @@ def class_ranks(prob: torch.Tensor) -> torch.Tensor:
     return torch.argsort(order, dim=1)
 
 
-def negative_masks(label_l: torch.Tensor, label_u: torch.Tensor, prob_l: torch.Tensor,
+def label_onehot(labels: torch.Tensor, num_classes: int, ignore_index: int = 255,
+                 union: bool = False) -> torch.Tensor:
+    """One-hot masks of int label maps: [B,h,w] -> bool [B,C,h,w]; ``ignore_index`` -> zeros.
+
+    ``union=True`` is the reference's ``label_onehot`` (spec methods/U2PL.md 10.1): its
+    scatter only ever writes batch slot 0, so image 0 holds at each pixel a 1 for every class
+    that any image of the batch has there (the other images' ignored pixels counting as class
+    0), cleared where image 0 itself is ignored, and images 1..B-1 are all zeros. With B = 1
+    both are the same."""
+    classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1, 1)
+    if not union:
+        return labels.unsqueeze(1) == classes
+    filled = torch.where(labels == ignore_index, torch.zeros_like(labels), labels)
+    first = (filled.unsqueeze(1) == classes).any(dim=0) & (labels[0] != ignore_index)
+    out = torch.zeros(labels.shape[0], num_classes, *labels.shape[1:], dtype=torch.bool,
+                      device=labels.device)
+    out[0] = first
+    return out
+
+
+def negative_masks(onehot_l: torch.Tensor, onehot_u: torch.Tensor, prob_l: torch.Tensor,
                    prob_u: torch.Tensor, high_u: torch.Tensor, mode: str = "reference",
-                   low_rank: int = 3, high_rank: int = 20, delta_n: float = 1.0,
-                   ignore_index: int = 255) -> torch.Tensor:
+                   low_rank: int = 3, high_rank: int = 20, delta_n: float = 1.0
+                   ) -> torch.Tensor:
     """Which pixels' teacher features are negative keys of each class.
 
-    label_l [Bl,h,w], label_u [Bu,h,w] (pseudo labels): int64, 255 = ignore; prob_l/prob_u
-    [B,C,h,w] teacher softmax; high_u [Bu,h,w] bool: the unreliable (high-entropy) unlabelled
-    pixels. Returns bool [Bl+Bu, C, h, w] (labelled first, as the features are stacked)."""
-    C = prob_l.shape[1]
+    onehot_l [Bl,C,h,w], onehot_u [Bu,C,h,w] (pseudo labels): bool :func:`label_onehot` maps;
+    prob_l/prob_u [B,C,h,w] teacher softmax; high_u [Bu,h,w] bool: the unreliable
+    (high-entropy) unlabelled pixels. Returns bool [Bl+Bu, C, h, w] (labelled first, as the
+    features are stacked)."""
     rank_l, rank_u = class_ranks(prob_l), class_ranks(prob_u)
-    classes = torch.arange(C, device=label_l.device).view(1, C, 1, 1)
-    is_c_l = label_l.unsqueeze(1) == classes
-    is_c_u = label_u.unsqueeze(1) == classes
-    valid_l = (label_l != ignore_index).unsqueeze(1)
+    valid_l = onehot_l.any(dim=1, keepdim=True)
     # labelled: another label, but the teacher ranks c among its top low_rank
-    neg_l = valid_l & ~is_c_l & (rank_l < low_rank) & (prob_l < delta_n)
+    neg_l = valid_l & ~onehot_l & (rank_l < low_rank) & (prob_l < delta_n)
     # unlabelled: unreliable, and c ranked low_rank..high_rank-1 (unlikely, not impossible)
     neg_u = (high_u.unsqueeze(1) & (rank_u >= low_rank) & (rank_u < high_rank)
              & (prob_u < delta_n))
     if mode == "reference":
         # quirks 1 and 2: the code's mask also requires label == c, which empties the
         # labelled part and ties unlabelled negatives to their pseudo label
-        neg_l = neg_l & is_c_l
-        neg_u = neg_u & is_c_u
+        neg_l = neg_l & onehot_l
+        neg_u = neg_u & onehot_u
     elif mode != "paper":
         raise ValueError(f"contrastive mode must be one of {MODES}, got {mode!r}")
     return torch.cat([neg_l, neg_u])
@@ -144,49 +162,57 @@ class ContrastiveStats:
     pushed: List[int]
 
 
-def unreliable_contrastive_loss(rep: torch.Tensor, rep_teacher: torch.Tensor,
-                                label_l: torch.Tensor, label_u: torch.Tensor,
-                                prob_l: torch.Tensor, prob_u: torch.Tensor,
-                                low_u: torch.Tensor, high_u: torch.Tensor, bank: MemoryBank,
-                                *, mode: str = "reference", low_rank: int = 3,
-                                high_rank: int = 20, delta_p: float = 0.3,
-                                delta_n: float = 1.0, num_queries: int = 256,
-                                num_negatives: int = 50, temperature: float = 0.5,
-                                ignore_index: int = 255,
-                                generator: Optional[torch.Generator] = None):
-    """The contrastive loss of one step (local to this process; the caller weights it).
+@dataclass
+class ContrastiveMasks:
+    """The pixel masks of one (reference GPU) group, each bool [Bl+Bu, C, h, w], labelled
+    images first: ``low_valid`` (anchor pool and prototype pixels of each class), ``anchor``
+    (``low_valid`` and teacher probability above delta_p), ``negative`` (negative keys)."""
 
-    Args:
-        rep: student features [Bl+Bu, D, h, w] (labelled first), with grad.
-        rep_teacher: teacher features, same shape (no grad).
-        label_l [Bl,h,w], label_u [Bu,h,w]: labels and pseudo labels at feature resolution.
-        prob_l [Bl,C,h,w], prob_u [Bu,C,h,w]: teacher softmax at feature resolution.
-        low_u, high_u [Bu,h,w] bool: unlabelled anchor pool (reference: the lowest alpha_t %
-            entropy; paper: the reliable pixels) and unreliable pixels (negatives).
-        bank: the memory queues; this step's keys are pushed before sampling.
-        generator: CPU generator for the anchor and key draws (default: torch's global one).
-    Returns:
-        (loss 0-d with grad into ``rep`` only, :class:`ContrastiveStats`).
-    """
-    C = prob_l.shape[1]
-    D = rep.shape[1]
+    low_valid: torch.Tensor
+    anchor: torch.Tensor
+    negative: torch.Tensor
+
+
+def contrastive_masks(onehot_l: torch.Tensor, onehot_u: torch.Tensor, prob_l: torch.Tensor,
+                      prob_u: torch.Tensor, low_u: torch.Tensor, high_u: torch.Tensor, *,
+                      mode: str = "reference", low_rank: int = 3, high_rank: int = 20,
+                      delta_p: float = 0.3, delta_n: float = 1.0) -> ContrastiveMasks:
+    """The masks of one group. onehot_l [Bl,C,h,w], onehot_u [Bu,C,h,w]: bool
+    :func:`label_onehot` of the labels and pseudo labels at feature resolution; prob_l
+    [Bl,C,h,w], prob_u [Bu,C,h,w]: teacher softmax there; low_u, high_u [Bu,h,w] bool: the
+    unlabelled anchor pool and unreliable pixels (see :func:`unreliable_contrastive_loss`)."""
     with torch.no_grad():
-        labels = torch.cat([label_l, label_u])
         prob = torch.cat([prob_l, prob_u])
-        classes = torch.arange(C, device=labels.device).view(1, C, 1, 1)
-        is_c = labels.unsqueeze(1) == classes                        # one-hot, 255 -> zeros
-        low = torch.cat([label_l != ignore_index, low_u]).unsqueeze(1)
-        low_valid = is_c & low                                       # [B2,C,h,w]
-        anchor_mask = low_valid & (prob > delta_p)
-        neg = negative_masks(label_l, label_u, prob_l, prob_u, high_u, mode, low_rank,
-                             high_rank, delta_n, ignore_index)
+        # labelled pixels are all in the pool; the one-hot already zeroes ignored ones
+        low_valid = torch.cat([onehot_l, onehot_u & low_u.unsqueeze(1)])
+        neg = negative_masks(onehot_l, onehot_u, prob_l, prob_u, high_u, mode, low_rank,
+                             high_rank, delta_n)
+        return ContrastiveMasks(low_valid, low_valid & (prob > delta_p), neg)
+
+
+def negative_keys(rep_teacher: torch.Tensor, masks: ContrastiveMasks) -> List[torch.Tensor]:
+    """This group's new queue entries: per class c the teacher features [n_c, D] of its
+    negative pixels (rep_teacher [B,D,h,w])."""
+    feats_t = rep_teacher.detach().permute(0, 2, 3, 1)
+    return [feats_t[masks.negative[:, c]] for c in range(masks.negative.shape[1])]
+
+
+def contrastive_from_masks(rep: torch.Tensor, rep_teacher: torch.Tensor,
+                           masks: ContrastiveMasks, bank: MemoryBank, *,
+                           mode: str = "reference", num_queries: int = 256,
+                           num_negatives: int = 50, temperature: float = 0.5,
+                           generator: Optional[torch.Generator] = None):
+    """The loss of one group from its masks, sampling keys from ``bank`` (already holding
+    this step's keys). rep [B,D,h,w] with grad, rep_teacher the same without. Returns
+    (loss 0-d with grad into ``rep`` only, :class:`ContrastiveStats`)."""
+    C = masks.low_valid.shape[1]
+    D = rep.shape[1]
     feats = rep.permute(0, 2, 3, 1)                                  # [B2,h,w,D]
     feats_t = rep_teacher.detach().permute(0, 2, 3, 1)
-
-    bank.push([feats_t[neg[:, c]] for c in range(C)])
     # per-class counts in one host transfer (not 3 C synchronisations per step)
     pushed, n_low, n_anchor = torch.stack(
-        [m.sum(dim=(0, 2, 3)) for m in (neg, low_valid, anchor_mask)]).tolist()
+        [m.sum(dim=(0, 2, 3)) for m in (masks.negative, masks.low_valid, masks.anchor)]
+    ).tolist()
     valid = [c for c in range(C) if n_low[c] > 0]
     stats = ContrastiveStats(valid, [n_anchor[c] for c in valid], 0, pushed)
     zero = rep.sum() * 0
@@ -200,9 +226,9 @@ def unreliable_contrastive_loss(rep: torch.Tensor, rep_teacher: torch.Tensor,
         queue = bank.queues[q]
         if n_anchor[a] == 0 or queue.shape[0] == 0:
             continue
-        anchors_all = feats[anchor_mask[:, a]]
+        anchors_all = feats[masks.anchor[:, a]]
         with torch.no_grad():
-            pool = low_valid[:, a] if mode == "reference" else anchor_mask[:, a]
+            pool = masks.low_valid[:, a] if mode == "reference" else masks.anchor[:, a]
             proto = feats_t[pool].mean(0)
             idx = torch.randint(anchors_all.shape[0], (num_queries,), generator=generator)
             kidx = torch.randint(queue.shape[0], (num_queries * num_negatives,),
@@ -216,3 +242,41 @@ def unreliable_contrastive_loss(rep: torch.Tensor, rep_teacher: torch.Tensor,
         total = total + F.cross_entropy(sim / temperature, target)
         stats.used += 1
     return total / len(valid), stats
+
+
+def unreliable_contrastive_loss(rep: torch.Tensor, rep_teacher: torch.Tensor,
+                                label_l: torch.Tensor, label_u: torch.Tensor,
+                                prob_l: torch.Tensor, prob_u: torch.Tensor,
+                                low_u: torch.Tensor, high_u: torch.Tensor, bank: MemoryBank,
+                                *, mode: str = "reference", union: bool = False,
+                                low_rank: int = 3, high_rank: int = 20, delta_p: float = 0.3,
+                                delta_n: float = 1.0, num_queries: int = 256,
+                                num_negatives: int = 50, temperature: float = 0.5,
+                                ignore_index: int = 255,
+                                generator: Optional[torch.Generator] = None):
+    """The contrastive loss of one group (one reference GPU; the caller weights it).
+
+    Args:
+        rep: student features [Bl+Bu, D, h, w] (labelled first), with grad.
+        rep_teacher: teacher features, same shape (no grad).
+        label_l [Bl,h,w], label_u [Bu,h,w]: labels and pseudo labels at feature resolution.
+        prob_l [Bl,C,h,w], prob_u [Bu,C,h,w]: teacher softmax at feature resolution.
+        low_u, high_u [Bu,h,w] bool: unlabelled anchor pool (reference: the lowest alpha_t %
+            entropy; paper: the reliable pixels) and unreliable pixels (negatives).
+        bank: the memory queues; this step's keys are pushed before sampling.
+        union: the reference's one-hot (:func:`label_onehot`, union in image 0).
+        generator: CPU generator for the anchor and key draws (default: torch's global one).
+    Returns:
+        (loss 0-d with grad into ``rep`` only, :class:`ContrastiveStats`).
+    """
+    C = prob_l.shape[1]
+    with torch.no_grad():
+        masks = contrastive_masks(label_onehot(label_l, C, ignore_index, union),
+                                  label_onehot(label_u, C, ignore_index, union),
+                                  prob_l, prob_u, low_u, high_u, mode=mode,
+                                  low_rank=low_rank, high_rank=high_rank, delta_p=delta_p,
+                                  delta_n=delta_n)
+    bank.push(negative_keys(rep_teacher, masks))
+    return contrastive_from_masks(rep, rep_teacher, masks, bank, mode=mode,
+                                  num_queries=num_queries, num_negatives=num_negatives,
+                                  temperature=temperature, generator=generator)

@@ -26,6 +26,8 @@ from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, T
 import torch
 from torch import nn
 
+from .groups import ReferenceGroups
+
 #: The loaders the engine can provide, each a dict of device tensors per iteration:
 #: ``labeled``: data [B,3,H,W] float, label [B,H,W] int64; ``unlabeled0``: data, mask
 #: [B,1,H,W] in {0,1} (CutMix boxes); ``unlabeled1``: data (a second, independent draw).
@@ -46,7 +48,8 @@ class MethodContext:
     ``prepare(module)``: converts BatchNorm to SyncBN under DDP, moves the module to ``device``
     and makes every rank start from rank 0's weights; call it on each network before building
     its optimiser. ``amp``: the autocast dtype or None. ``batch_per_process``: images per
-    stream per iteration on this process.
+    stream per iteration on this process. ``groups``: the reference groups of that batch
+    (:mod:`furnace.methods.groups`; default one group, the whole batch).
     """
     device: torch.device = torch.device("cpu")
     batch_per_process: int = 2
@@ -54,6 +57,7 @@ class MethodContext:
     rank: int = 0
     world_size: int = 1
     niters_per_epoch: int = 1
+    groups: ReferenceGroups = field(default_factory=ReferenceGroups)
     prepare: Callable[[nn.Module], nn.Module] = field(default=_identity)
 
 

@@ -16,8 +16,9 @@ def _dueb(aleatoric: bool, energy: bool) -> List[str]:
 # at output stride 8 (its network always is), SGD with the decoder at 10x (VOC) or 1x
 # (Cityscapes), U2PL's random scale and label-0 crop padding, its evaluation protocols
 # (VOC: centre-padded 513 crops, padding labelled background; Cityscapes: 769 windows at
-# stride 513, logits averaged), validation after every epoch. Batch 16 is the global batch
-# of each stream (the reference: 4 GPUs x 4 for VOC, 8 x 2 for Cityscapes; SupOnly: 16).
+# stride 513, logits averaged), validation after every epoch, in fp32. Batch 16 is the
+# global batch of each stream, computed as the reference's GPUs computed it (reference_gpus,
+# spec 10.2): VOC 4 groups of 4 + 4, Cityscapes 8 groups of 2 + 2 (SupOnly the same).
 _U2PL_COMMON = ["backbone=resnet101", "stem=deep",
                 # the CPS v1c file; U2PL's own resnet101.pth has the same keys
                 "pretrained_model=" + data_root("pytorch-weight", "resnet101_v1c.pth"),
@@ -26,17 +27,22 @@ _U2PL_COMMON = ["backbone=resnet101", "stem=deep",
                 "eval_flip=False", "head_channels=256", "batch_size=16"]
 U2PL_VOC = _U2PL_COMMON + [
     "lr=0.001", "weight_decay=0.0001", "nepochs=80", "image_height=513", "image_width=513",
+    "reference_gpus=4",
     "sup_loss=ce", "u2pl.head_lr_mult=10.0", "u2pl.sup_only_epoch=1", "u2pl.aux_weight=0.0",
     "eval_mode=center_pad", "eval_crop_size=513", "eval_label_pad=0"]
 U2PL_CITY = _U2PL_COMMON + [
     "lr=0.01", "weight_decay=0.0005", "nepochs=200", "image_height=769", "image_width=769",
+    "reference_gpus=8",
     "sup_loss=ohem", "ohem_thresh=0.7", "ohem_class_weight=False", "u2pl.ohem_min_kept=100000",
     "u2pl.head_lr_mult=1.0", "u2pl.sup_only_epoch=0", "u2pl.aux_weight=0.4",
     "eval_mode=slide", "eval_crop_size=769", "eval_stride_rate=0.6666666666666666",
-    "eval_average=logits"]
+    "eval_average=logits",
+    # validation during training: the central 769 crop, one forward (spec 10.6)
+    "val_eval_mode=center_pad"]
 # the demo keeps its own budget, data and lr (the same as every other demo-table row); the
-# decoder lr is not multiplied (its lr was chosen for a decoder at 1x)
-U2PL_DEMO = ["u2pl.head_lr_mult=1.0"]
+# decoder lr is not multiplied (its lr was chosen for a decoder at 1x); its batch of 4 + 4 is
+# one reference group, the size of a VOC reference GPU's batch
+U2PL_DEMO = ["u2pl.head_lr_mult=1.0", "reference_gpus=1"]
 
 #: method -> preset -> key=value strings (train.py, trainal.py, traine.py, traincpcl.py)
 BUILTIN_PRESETS: Dict[str, Mapping[str, List[str]]] = {

@@ -37,29 +37,41 @@ import torch.nn.functional as F
 from ..config import Config
 from ..data.cutmix import half_box, mix_with_next
 from ..losses import OhemCrossEntropy, SupervisedCrossEntropy
-from ..losses.contrastive import MemoryBank, unreliable_contrastive_loss
+from ..losses.contrastive import (MemoryBank, contrastive_from_masks, contrastive_masks,
+                                  label_onehot, negative_keys)
 from ..losses.reliability import (entropy, entropy_masks, keep_percent,
                                   reliable_pseudo_label_loss, unreliable_percent)
 from ..models import u2pl_network_from_config
 from .base import Method, MethodContext, upcast
+from .groups import ReferenceGroups
 from .presets import BUILTIN_PRESETS
 from .registry import register
 from .common import IGNORE
 
-# defaults of the two contrastive modes (spec 3.7 and Table A1): anchors, keys, weight
-MODE_DEFAULTS = {"reference": (256, 50, None), "paper": (50, 256, 0.1)}
+# defaults of the two contrastive modes (spec 3.7, Table A1 and 10.1): anchors, keys, weight,
+# one-hot of the labels ('union': the reference's label_onehot, per group)
+MODE_DEFAULTS = {"reference": (256, 50, None, "union"), "paper": (50, 256, 0.1, "exact")}
 
 
-def contrastive_weights(weight, world_size: int):
-    """(gradient weight, logged weight) of the contrastive loss computed on one process.
+def contrastive_weights(weight, reference_gpus: int):
+    """(gradient weight, logged weight) of the contrastive loss of one reference group.
 
-    ``weight`` None is the reference: it all-reduces the loss in place and divides by W, so
-    the value it prints is the mean over processes but the gradient is the local one / W
-    (spec 3.7 F, C11); the engine then averages gradients across processes as DDP does. A
-    number is the effective weight itself (the paper's lambda_c = 0.1)."""
+    ``weight`` None is the reference: it all-reduces the loss in place and divides by its GPU
+    count W, so the value it prints is the mean over GPUs but the gradient is the local one / W
+    (spec 3.7 F, C11, 10.3: 0.25 on VOC, 0.125 on Cityscapes); gradients are then averaged
+    over the groups as DDP does. A number is the effective weight itself (the paper's
+    lambda_c = 0.1)."""
     if weight is None:
-        return 1.0 / world_size, 1.0
+        return 1.0 / reference_gpus, 1.0
     return float(weight), float(weight)
+
+
+def draw_generator(seed: int, iteration: int, group: int) -> torch.Generator:
+    """The CPU generator of a group's contrastive draws at one iteration: a function of the
+    seed, the iteration and the global group index only, so the draws do not depend on how
+    the groups are spread over processes, and a resumed run draws the same."""
+    return torch.Generator().manual_seed(
+        ((int(seed) * 1_000_003 + int(iteration)) * 1_009 + int(group)) % 2 ** 63)
 
 
 def upsample(x: torch.Tensor, size) -> torch.Tensor:
@@ -84,22 +96,29 @@ def u2pl_sgd(net: torch.nn.Module, C: Config) -> torch.optim.SGD:
 
 class SupervisedLoss:
     """CE over labelled pixels (VOC) or OHEM on pred + aux_weight x OHEM on aux (Cityscapes),
-    both at crop resolution; OHEM's min_kept is per process batch as the reference."""
+    both at crop resolution, per reference group (a GPU's batch: its own mean and OHEM's
+    min_kept), averaged over the groups as DDP averages the GPUs' gradients."""
 
-    def __init__(self, C: Config):
+    def __init__(self, C: Config, groups: ReferenceGroups):
         self.aux_weight = float(C.u2pl.aux_weight)
+        self.groups = groups
         if C.sup_loss == "ohem":
             self.ce = OhemCrossEntropy(IGNORE, C.ohem_thresh, int(C.u2pl.ohem_min_kept))
         else:
             self.ce = SupervisedCrossEntropy(ignore_index=IGNORE)
 
-    def __call__(self, out: Dict[str, torch.Tensor], label: torch.Tensor, n: int
-                 ) -> torch.Tensor:
+    def __call__(self, out: Dict[str, torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        n = label.shape[0]
         size = label.shape[-2:]
-        loss = self.ce(upsample(out["pred"][:n], size), label)
-        if self.aux_weight > 0:
-            loss = loss + self.aux_weight * self.ce(upsample(out["aux"][:n], size), label)
-        return loss
+        pred = upsample(out["pred"][:n], size)
+        aux = upsample(out["aux"][:n], size) if self.aux_weight > 0 else None
+        losses = []
+        for sl in self.groups.slices(n):
+            loss = self.ce(pred[sl], label[sl])
+            if aux is not None:
+                loss = loss + self.aux_weight * self.ce(aux[sl], label[sl])
+            losses.append(loss)
+        return torch.stack(losses).mean()
 
 
 def _raw(net, x: torch.Tensor, amp) -> Dict[str, torch.Tensor]:
@@ -134,18 +153,21 @@ class U2PL(Method):
             p.requires_grad_(False)
         self.modules = {"model": self.student, "teacher": self.teacher}
         self.optimizers = {"optimizer": u2pl_sgd(self.student, C)}
-        self.sup_loss = SupervisedLoss(C)
+        self.groups = ctx.groups
+        self.sup_loss = SupervisedLoss(C, self.groups)
         self.amp = ctx.amp
+        self.seed = int(C.seed)
         self.niters = int(ctx.niters_per_epoch)
         self.nepochs = int(C.nepochs)
         # identical on every rank (the reference seeds NumPy alike everywhere), so boxes and
-        # the CutMix decision agree across processes
+        # the CutMix decision agree across processes and groups
         self.rng = np.random.RandomState(int(C.seed) % 2 ** 32)
-        q, n, w = MODE_DEFAULTS.get(o.contrastive, (256, 50, None))
+        q, n, w, onehot = MODE_DEFAULTS.get(o.contrastive, MODE_DEFAULTS["reference"])
         self.num_queries = int(o.num_queries or q)
         self.num_negatives = int(o.num_negatives or n)
+        self.union_onehot = (o.onehot or onehot) == "union"
         self.contrastive_weight, self.contra_log_weight = contrastive_weights(
-            o.contrastive_weight if o.contrastive_weight is not None else w, ctx.world_size)
+            o.contrastive_weight if o.contrastive_weight is not None else w, self.groups.total)
         dim = int(o.rep_dim)
         sizes = [int(o.queue_size_first)] + [int(o.queue_size)] * (C.num_classes - 1)
         self.bank = MemoryBank(sizes, dim, device=ctx.device)
@@ -182,11 +204,13 @@ class U2PL(Method):
         self.student.train()
         if not self.teacher_active(epoch):
             out = _raw(self.student, x_l, self.amp)
-            loss = self.sup_loss(out, y_l, n)
+            loss = self.sup_loss(out, y_l)
             self.teacher.train()
             with torch.no_grad():
                 _raw(self.teacher, x_l, self.amp)    # only the teacher's BN statistics
-            backward(loss)
+            # the reference adds 0 x rep.sum() (spec 10.4): the representation head gets a
+            # zero gradient, so SGD's weight decay and momentum still act on it
+            backward((loss + 0 * out["rep"].sum()) if "rep" in out else loss)
             loss = loss.detach()
             extras = {"image": x_l, "label": y_l,
                       "logits": upsample(out["pred"].detach(), y_l.shape[-2:])}
@@ -204,31 +228,40 @@ class U2PL(Method):
             self.teacher.train()           # are never used afterwards)
         mixed = float(self.rng.uniform(0, 1) < float(self.o.cutmix_prob))
         if mixed:
-            boxes = [half_box(self.rng, size[0], size[1]) for _ in range(x_u.shape[0])]
-            x_u, pseudo = mix_with_next(boxes, x_u, pseudo)
+            # one set of boxes, as every reference GPU draws the same; the partner is the
+            # next image of the same group
+            per_group = x_u.shape[0] // self.groups.per_process
+            boxes = [half_box(self.rng, size[0], size[1]) for _ in range(per_group)]
+            parts = [mix_with_next(boxes, x_u[sl], pseudo[sl])
+                     for sl in self.groups.slices(x_u.shape[0])]
+            x_u = torch.cat([p[0] for p in parts])
+            pseudo = torch.cat([p[1] for p in parts])
 
         x_all = torch.cat([x_l, x_u])
         out = _raw(self.student, x_all, self.amp)
-        sup = self.sup_loss(out, y_l, n)
+        sup = self.sup_loss(out, y_l)
         with torch.no_grad():
             t_out = _raw(self.teacher, x_all, self.amp)
             t_prob = torch.softmax(t_out["pred"], dim=1)            # stride 4
             # the reliability of both losses: entropy of the train-mode teacher's softmax
             h = entropy(torch.softmax(upsample(t_out["pred"][n:], size), dim=1))
         keep = keep_percent(float(self.o.drop_percent), epoch, self.nepochs)
-        unsup, kept = reliable_pseudo_label_loss(
-            upsample(out["pred"][n:], size), pseudo, keep, h, self.o.unsup_weight_mode,
-            IGNORE)
-        unsup = float(self.o.unsup_weight) * unsup
+        student_u = upsample(out["pred"][n:], size)
+        # per reference group: its own entropy percentile, mean CE and kept fraction
+        unsup_kept = [reliable_pseudo_label_loss(student_u[sl], pseudo[sl], keep, h[sl],
+                                                 self.o.unsup_weight_mode, IGNORE)
+                      for sl in self.groups.slices(x_u.shape[0])]
+        unsup = float(self.o.unsup_weight) * torch.stack([u for u, _ in unsup_kept]).mean()
+        kept = torch.stack([k for _, k in unsup_kept]).mean()
         terms = {"loss_sup": sup.detach(), "loss_unsup": unsup.detach(), "kept": kept,
                  "cutmix": torch.tensor(mixed, device=x_l.device)}
         loss = sup + unsup
         if self.o.contrastive != "off":
             contra = self._contrastive(out["rep"], t_out["rep"], t_prob, h, y_l, pseudo,
-                                       epoch, n, terms)
+                                       epoch, iteration, terms)
             loss = loss + self.contrastive_weight * contra
-            # logged as the reference prints it: the mean over processes (the engine's
-            # reduction) of loss_weight x L_c, without the 1/W its gradient carries
+            # logged as the reference prints it: the mean over groups of loss_weight x L_c,
+            # without the 1/W its gradient carries
             terms["loss_contra"] = self.contra_log_weight * contra.detach()
         backward(loss)
         loss = loss.detach()
@@ -238,31 +271,51 @@ class U2PL(Method):
                   "logits": upsample(out["pred"][:n].detach(), y_l.shape[-2:])}
         return loss, terms, extras
 
-    def _contrastive(self, rep, rep_t, t_prob, h, y_l, pseudo, epoch, n, terms):
+    def _contrastive(self, rep, rep_t, t_prob, h, y_l, pseudo, epoch, iteration, terms):
+        """The mean over this process's reference groups of each group's contrastive loss
+        (spec 10.2): masks, one-hots and percentiles per group, every group's (and every
+        rank's) keys pushed in global group order before any group samples."""
         o = self.o
+        n = y_l.shape[0]
+        C = t_prob.shape[1]
+        small = rep.shape[-2:]
+        alpha = unreliable_percent(float(o.low_entropy_threshold), epoch, self.nepochs)
+        keep = keep_percent(float(o.drop_percent), epoch, self.nepochs)
+        sl_l, sl_u = self.groups.slices(n), self.groups.slices(pseudo.shape[0])
+        groups = []
         with torch.no_grad():
-            valid = pseudo != IGNORE
-            alpha = unreliable_percent(float(o.low_entropy_threshold), epoch, self.nepochs)
-            low, high = entropy_masks(h, valid, alpha)
-            if o.contrastive == "paper":
-                # anchors from every reliable pixel (H below the unsupervised loss's cut)
-                keep = keep_percent(float(o.drop_percent), epoch, self.nepochs)
-                low = valid & ~entropy_masks(h, valid, 100.0 - keep)[1]
-            small = rep.shape[-2:]
-            label_l = downsample_labels(y_l, small)
-            label_u = downsample_labels(pseudo, small)
-            low = downsample_labels(low.long(), small).bool()
-            high = downsample_labels(high.long(), small).bool()
-        loss, stats = unreliable_contrastive_loss(
-            rep, rep_t, label_l, label_u, t_prob[:n], t_prob[n:], low, high, self.bank,
-            mode=o.contrastive, low_rank=int(o.low_rank), high_rank=int(o.high_rank),
-            delta_p=float(o.delta_p), delta_n=float(o.delta_n),
-            num_queries=self.num_queries, num_negatives=self.num_negatives,
-            temperature=float(o.temperature), ignore_index=IGNORE)
+            for a, b in zip(sl_l, sl_u):
+                valid = pseudo[b] != IGNORE
+                low, high = entropy_masks(h[b], valid, alpha)
+                if o.contrastive == "paper":
+                    # anchors from every reliable pixel (H below the unsupervised loss's cut)
+                    low = valid & ~entropy_masks(h[b], valid, 100.0 - keep)[1]
+                masks = contrastive_masks(
+                    label_onehot(downsample_labels(y_l[a], small), C, IGNORE,
+                                 self.union_onehot),
+                    label_onehot(downsample_labels(pseudo[b], small), C, IGNORE,
+                                 self.union_onehot),
+                    t_prob[:n][a], t_prob[n:][b],
+                    downsample_labels(low.long(), small).bool(),
+                    downsample_labels(high.long(), small).bool(),
+                    mode=o.contrastive, low_rank=int(o.low_rank), high_rank=int(o.high_rank),
+                    delta_p=float(o.delta_p), delta_n=float(o.delta_n))
+                groups.append((a, b, masks, torch.cat([rep_t[:n][a], rep_t[n:][b]])))
+            keys = [negative_keys(feats_t, masks) for _, _, masks, feats_t in groups]
+            self.bank.push([torch.cat(per_class) for per_class in zip(*keys)])
+        losses, valid_counts = [], []
+        for g, (a, b, masks, feats_t) in zip(self.groups.indices, groups):
+            loss, stats = contrastive_from_masks(
+                torch.cat([rep[:n][a], rep[n:][b]]), feats_t, masks, self.bank,
+                mode=o.contrastive, num_queries=self.num_queries,
+                num_negatives=self.num_negatives, temperature=float(o.temperature),
+                generator=draw_generator(self.seed, iteration, g))
+            losses.append(loss)
+            valid_counts.append(len(stats.valid_classes))
         dev = rep.device
-        terms["valid_classes"] = torch.tensor(float(len(stats.valid_classes)), device=dev)
+        terms["valid_classes"] = torch.tensor(float(np.mean(valid_counts)), device=dev)
         terms["queue_mean"] = torch.tensor(float(np.mean(self.bank.lengths())), device=dev)
-        return loss
+        return torch.stack(losses).mean()
 
     # -- evaluation, checkpoints, logs
     def eval_model(self) -> torch.nn.Module:
@@ -339,13 +392,13 @@ class U2PLSupOnly(Method):
         self.net = ctx.prepare(u2pl_network_from_config(suponly_config(C)))
         self.modules = {"model": self.net}
         self.optimizers = {"optimizer": u2pl_sgd(self.net, C)}
-        self.sup_loss = SupervisedLoss(C)
+        self.sup_loss = SupervisedLoss(C, ctx.groups)
         self.amp = ctx.amp
 
     def train_step(self, batches, *, iteration, epoch, backward):
         (lab,) = batches
         out = _raw(self.net, lab["data"], self.amp)
-        loss = self.sup_loss(out, lab["label"], lab["data"].shape[0])
+        loss = self.sup_loss(out, lab["label"])
         backward(loss)
         loss = loss.detach()
         extras = {"image": lab["data"], "label": lab["label"],
