@@ -631,6 +631,50 @@ def load_config(exp_dir: os.PathLike, overrides: Iterable[str] = (),
     return finalize(C, exp_dir=path.parent)
 
 
+#: Keys that decide which network a checkpoint holds, besides every method option group
+#: (``dueb``, ``aleatoric``, ``energy``, ``u2pl``, ...): eval.py takes them from the checkpoint.
+NETWORK_KEYS = ("method", "supervised_only", "num_classes", "class_names", "backbone", "stem",
+                "output_stride", "head_channels", "bn_eps", "bn_momentum")
+#: The validation protocol a run used: eval.py's default is the checkpoint's.
+PROTOCOL_KEYS = ("eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scale_array",
+                 "eval_flip", "eval_branch", "eval_average", "eval_label_pad", "image_mean",
+                 "image_std")
+
+
+def checkpoint_config(C: Config, recorded: Any, overrides: Iterable[str] = (),
+                      protocol: bool = True, source: str = "the checkpoint") -> Config:
+    """The config to evaluate a checkpoint with: the folder's finalised ``C`` with the
+    network keys (:data:`NETWORK_KEYS` and every method option group) of the config the
+    checkpoint recorded, and with ``protocol`` its validation protocol (:data:`PROTOCOL_KEYS`);
+    then ``overrides`` (``--set``) again, so the command line has the last word. Data paths
+    and lists stay the folder's. ``recorded``: the checkpoint's ``config`` dict (None for
+    reference and older files: ``C`` unchanged)."""
+    if not isinstance(recorded, Mapping):
+        return C
+    C = copy.deepcopy(C)
+    keys = NETWORK_KEYS + (PROTOCOL_KEYS if protocol else ())
+    _overlay(C, {k: v for k, v in recorded.items()
+                 if k in keys or isinstance(C.get(k), Config)})
+    apply_overrides(C, overrides)
+    try:
+        validate(C)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return C
+
+
+def _overlay(C: Config, recorded: Mapping[str, Any]) -> None:
+    """Set every key of ``C`` (groups recursively) that ``recorded`` has."""
+    for key, value in recorded.items():
+        if key not in C:
+            continue                      # a key this version no longer has
+        if isinstance(C[key], Config):
+            if isinstance(value, Mapping):
+                _overlay(C[key], value)
+        else:
+            C[key] = copy.deepcopy(value)
+
+
 def add_config_arguments(parser) -> None:
     """Add ``--set key=value ...`` to an argparse parser."""
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],

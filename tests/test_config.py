@@ -111,3 +111,29 @@ def test_missing_experiment_config(tmp_path):
 def test_preset_then_set_wins():
     C = load_config(VOC, ["energy.enabled=true"], env={}, preset=["energy.enabled=false"])
     assert C.energy.enabled is True
+
+
+def test_checkpoint_config_takes_network_and_protocol_from_the_file():
+    from furnace.config import checkpoint_config
+    folder = load_config(VOC, env={})
+    trained = load_config(VOC, ["backbone=resnet18", "head_channels=16", "num_classes=5",
+                                "u2pl.rep_dim=8", "eval_mode=whole", "eval_flip=true",
+                                "dataset_path=/elsewhere", "aleatoric.learn_variance=true",
+                                "lr=0.5"], env={})
+    recorded = trained.to_dict()
+    recorded["a_key_of_another_version"] = 1
+    C = checkpoint_config(folder, recorded)
+    assert (C.backbone, C.head_channels, C.num_classes, C.u2pl.rep_dim) == ("resnet18", 16, 5, 8)
+    assert C.aleatoric.learn_variance and C.dueb.aleatoric.learn_variance
+    assert (C.eval_mode, C.eval_flip) == ("whole", True)
+    # data and training keys stay the folder's; the folder's config is not modified
+    assert C.dataset_path == folder.dataset_path and C.lr == folder.lr
+    assert (folder.backbone, folder.eval_mode) == ("resnet50", "slide")
+    own = checkpoint_config(folder, recorded, protocol=False)
+    assert own.backbone == "resnet18" and (own.eval_mode, own.eval_flip) == ("slide", False)
+    # --set has the last word
+    assert checkpoint_config(folder, recorded, ["eval_mode=slide"]).eval_mode == "slide"
+    assert checkpoint_config(folder, None) is folder, "reference files record no config"
+    recorded["eval_crop_size"] = -3
+    with pytest.raises(ConfigError, match=r"^x.pth: config key 'eval_crop_size'"):
+        checkpoint_config(folder, recorded, source="x.pth")

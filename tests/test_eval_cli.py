@@ -304,3 +304,27 @@ def test_composite_layout_without_gt_and_var():
     right = comp[:, 5 + BAR_WIDTH:]
     assert tuple(right[0, 0]) == (128, 64, 128) and tuple(right[0, 1]) == (244, 35, 232)
     assert tuple(right[0, 3]) == (255, 255, 255) and tuple(right[0, 4]) == (0, 0, 0)
+
+
+def test_plain_eval_rebuilds_a_dueb_network_from_the_checkpoint(tmp_path, monkeypatch):
+    """Trained with non-default network and protocol keys, evaluated with the data keys
+    only: eval.py rebuilds both from the checkpoint's recorded config and reproduces the
+    run's own validation of that epoch."""
+    import re
+    from conftest import ROOT
+    from helpers import make_voc, run_script
+    root = make_voc(tmp_path / "voc", n_train=8, n_val=3, num_classes=5)
+    data = [f"dataset_path={root}", f"log_dir={tmp_path / 'log'}", "num_workers=0"]
+    run_script(ROOT / "exp_voc" / "train.py",
+               ["--set", *data, "num_classes=5", "class_names=none", "backbone=resnet18",
+                "pretrained_model=none", "head_channels=16", "output_stride=8",
+                "image_height=48", "image_width=48", "batch_size=2", "nepochs=1",
+                "niters_per_epoch=3", "labeled_ratio=2", "snapshot_iter=1", "snapshot_from=-1",
+                "aleatoric.samples=2", "eval_every=1", "eval_mode=whole", "eval_flip=true"],
+               monkeypatch)
+    log = next((tmp_path / "log").glob("train_*.log")).read_text()
+    res = cli.main(str(ROOT / "exp_voc"), ["-e", "0", "-d", "cpu", "--set", *data])
+    m = res[0]
+    val = re.findall(r"# val epoch 1: mIoU ([\d.]+)% pixel acc ([\d.]+)%", log)
+    assert val == [(f"{100 * m['miou']:.3f}", f"{100 * m['pixel_acc']:.3f}")]
+    assert len(m["iou"]) == 5

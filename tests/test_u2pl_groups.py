@@ -216,3 +216,31 @@ def test_one_process_two_groups_equals_two_processes_one_group(tmp_path, mode):
     for qa, qb in zip(a["queues"], b["queues"]):
         torch.testing.assert_close(qa, qb, atol=1e-6, rtol=0)
     torch.testing.assert_close(a["teacher"], b["teacher"], atol=1e-6, rtol=0)
+
+
+def test_cityscapes_preset_validates_on_the_central_crop_during_training():
+    from conftest import ROOT
+    from furnace.config import load_config
+    from furnace.engine.cli import script_preset
+    from furnace.eval.loop import validation_config
+    C = load_config(ROOT / "exp_city", preset=script_preset("u2pl", "city", None, None, None),
+                    env={})
+    assert (C.reference_gpus, C.batch_size, C.amp) == (8, 16, "off")
+    assert C.eval_mode == "slide" and validation_config(C).eval_mode == "center_pad"
+    assert validation_config(C).eval_crop_size == 769
+    V = load_config(ROOT / "exp_voc", preset=script_preset("u2pl", "voc", None, None, None),
+                    env={})
+    assert V.reference_gpus == 4 and validation_config(V) is V
+
+
+def test_a_launch_that_splits_a_group_is_one_line(tmp_path, monkeypatch, capsys):
+    from conftest import ROOT
+    from furnace.engine.cli import train_main
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as e:
+        train_main(str(ROOT / "exp_demo"), argv=["--set", "reference_gpus=3", "batch_size=4",
+                                                  f"log_dir={tmp_path}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: config key 'reference_gpus' must be a divisor of batch_size=4, "
+                   "got 3; batch_size is the reference's per-GPU batch times its GPU count"]

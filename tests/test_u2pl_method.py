@@ -114,10 +114,14 @@ def test_tiny_run_resumes_bit_identically_and_evaluates(voc_root, tmp_path, monk
     assert log.count("# val epoch") == 3
 
     from furnace.eval.cli import main as eval_main
-    # evalu2pl.py: the folder's config with U2PL's preset (network and protocol)
-    res = eval_main(ROOT / "exp_voc", ["-e", "last", "-d", "cpu"]
-                    + overrides(voc_root, straight)[2:], method="u2pl", preset="voc")
+    # plain eval.py rebuilds the U2PL network and the VOC preset's protocol from the
+    # checkpoint's recorded config: only the data keys are given, no preset, no network key
+    data = ["--set", f"dataset_path={voc_root}", f"log_dir={straight / 'log'}",
+            "num_workers=0"]
+    res = eval_main(ROOT / "exp_voc", ["-e", "last", "-d", "cpu"] + data)
     assert len(res) == 1 and 0.0 <= res[0]["miou"] <= 1.0
+    val = re.findall(r"# val epoch 3: mIoU ([\d.]+)%", log)
+    assert val == [f"{100 * res[0]['miou']:.3f}"], "the run's own validation of that epoch"
     # eval.py evaluates the teacher (the file's eval_key): the same number as the teacher
     # weights evaluated here through the same path (channels_last as eval.py)
     C = load_config(ROOT / "exp_voc", overrides(voc_root, straight)[3:],
@@ -128,11 +132,12 @@ def test_tiny_run_resumes_bit_identically_and_evaluates(voc_root, tmp_path, monk
     net.load_state_dict(last["teacher"])
     mine = evaluate_model(net, C, "cpu", channels_last=True)
     assert mine["miou"] == pytest.approx(res[0]["miou"], abs=1e-12)
-    # plain eval.py builds the U2PL network the checkpoint names, with the folder's protocol
-    plain = eval_main(ROOT / "exp_voc", ["-e", "last", "-d", "cpu"]
-                      + overrides(voc_root, straight)[2:] + ["eval_mode=whole"])
+    # --set has the last word over the recorded protocol
+    plain = eval_main(ROOT / "exp_voc", ["-e", "last", "-d", "cpu"] + data
+                      + ["eval_mode=whole"])
     C_whole = load_config(ROOT / "exp_voc", overrides(voc_root, straight)[3:]
-                          + ["eval_mode=whole"])
+                          + ["eval_mode=whole"],
+                          preset=script_preset("u2pl", "voc", None, None, None))
     whole = evaluate_model(net, C_whole, "cpu", channels_last=True)
     assert plain[0]["miou"] == pytest.approx(whole["miou"], abs=1e-12)
 

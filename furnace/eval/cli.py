@@ -1,9 +1,10 @@
 """Command line of the experiment ``eval.py`` scripts (REFERENCE 1.7, 5).
 
     python eval.py [-e last|N|a-b|a-|file.pth] [-d cpu|0|0,1|0-3] [-v] [-s] [-p PATH]
-                   [--uncertainty] [--set key=value ...]
+                   [--uncertainty] [--protocol checkpoint|folder] [--set key=value ...]
 
-For every selected checkpoint: build the network, load the weights, evaluate the
+For every selected checkpoint: build the network the checkpoint's run recorded (any method;
+its validation protocol too unless ``--protocol folder``), load the weights, evaluate the
 ``eval_source`` list (images split over the devices, one process per device), print
 ``Model: <path>`` and the result table, append both to ``val_log_file`` and point
 ``link_val_log_file`` (log/val_last.log) at it. ``-s`` saves composites (input | prediction |
@@ -29,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from furnace.config import ConfigError, add_config_arguments, load_config
+from furnace.config import ConfigError, checkpoint_config, load_config
 from furnace.data import DataError, build_eval_dataset
 from furnace.data.demo import prepare_from_config
 
@@ -116,19 +117,16 @@ class MethodModel:
         return build_model(C, self.method)
 
 
-def checkpoint_method_of(path, trust_pickle: bool = False) -> str:
-    """The method recorded in checkpoint ``path`` (``dueb`` for reference and format-1 files)."""
-    from furnace.engine.checkpoint import checkpoint_method, load_file
-    return checkpoint_method(load_file(path, trust_pickle=trust_pickle))
-
-
-def load_checkpoint(model: torch.nn.Module, path, trust_pickle: bool = False) -> Optional[int]:
+def load_checkpoint(model: torch.nn.Module, path, trust_pickle: bool = False,
+                    ckpt=None) -> Optional[int]:
     """Load the evaluation weights of ``path`` into ``model`` (the entry the method that wrote
     it names, ``model`` for DUEB and reference files); returns the checkpoint's epoch (or
-    None). ``trust_pickle``: allow full unpickling (legacy files you trust only)."""
+    None). ``trust_pickle``: allow full unpickling (legacy files you trust only). ``ckpt``:
+    the file's contents when already read."""
     from furnace.engine.checkpoint import checkpoint_method, load_file, load_model_weights
     from furnace.methods import method_names, get_method
-    ckpt = load_file(path, trust_pickle=trust_pickle)
+    if ckpt is None:
+        ckpt = load_file(path, trust_pickle=trust_pickle)
     name = checkpoint_method(ckpt)
     key = get_method(name).eval_weights_key(ckpt) if name in method_names() else "model"
     weights = {"model": ckpt[key]} if isinstance(ckpt, dict) and key in ckpt else ckpt
@@ -181,7 +179,8 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
                         verbose: bool = False, model: Optional[torch.nn.Module] = None,
                         dataset=None, model_factory: Callable = build_model,
                         uncertainty: Optional[UncertaintyMeter] = None,
-                        trust_pickle: bool = False) -> Tuple[np.ndarray, Optional[int]]:
+                        trust_pickle: bool = False, ckpt=None
+                        ) -> Tuple[np.ndarray, Optional[int]]:
     """Confusion histogram [C, C] of checkpoint ``path`` over the eval list, and its epoch.
 
     The images are split into contiguous shards of ceil(N / len(devices)) (the reference's
@@ -190,6 +189,7 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
     histograms are summed. ``model_factory(C)`` builds the network (a module-level function,
     so that spawned processes can import it). ``uncertainty``: a meter (on ``devices[0]``)
     that receives every image; the other processes' histograms are merged into it.
+    ``ckpt``: the contents of ``path`` when already read (this process loads them once).
     """
     if dataset is None:
         dataset = build_eval_dataset(C)
@@ -265,7 +265,7 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
     try:
         if procs and devices[0] == "cpu":
             torch.set_num_threads(threads)
-        state["epoch"] = load_checkpoint(model, path, trust_pickle)
+        state["epoch"] = load_checkpoint(model, path, trust_pickle, ckpt)
         hist += evaluate_indices(model, C, dataset, shards[0], devices[0], save_dir, tick,
                                  uncertainty=uncertainty)
         if procs:
@@ -313,6 +313,10 @@ def append_val_log(C, text: str) -> None:
 
 # ----------------------------------------------------------------------------- entry point
 
+#: where eval.py takes the validation protocol from (``--protocol``)
+PROTOCOLS = ("checkpoint", "folder")
+
+
 def build_parser(description: str = "Evaluate checkpoints on the validation list") \
         -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
@@ -334,6 +338,10 @@ def build_parser(description: str = "Evaluate checkpoints on the validation list
                    help="also measure how well variance, entropy, 1-max softmax and branch "
                         "disagreement find the wrong pixels (AUROC, AUPR) and the softmax "
                         "calibration (ECE, reliability diagram); runs both branches")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="checkpoint",
+                   help="validation protocol (eval_mode, crop, scales, flip, ...): the one the "
+                        "checkpoint's run recorded (default) or this folder's config.py; the "
+                        "network always comes from the checkpoint, --set has the last word")
     from furnace.engine.cli import add_common_arguments
     add_common_arguments(p)
     return p
@@ -343,9 +351,14 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
         verbose: bool = False, save_images: bool = False,
         save_path: Optional[str] = None,
         model_factory: Optional[Callable] = None,
-        uncertainty: bool = False, trust_pickle: bool = False) -> List[Dict[str, object]]:
+        uncertainty: bool = False, trust_pickle: bool = False,
+        overrides: Sequence[str] = (), protocol: str = "checkpoint"
+        ) -> List[Dict[str, object]]:
     """Evaluate the checkpoints of ``epochs`` (see snapshots.resolve_checkpoints) under config C.
 
+    Each checkpoint is evaluated with the network (and, with ``protocol='checkpoint'``, the
+    validation protocol) of the config it recorded (:func:`furnace.config.checkpoint_config`;
+    ``'folder'``: C's protocol), ``overrides`` (the ``--set`` strings) applied last.
     Returns one dict per checkpoint: path, epoch, miou, miou_no_back, pixel_acc (fractions in
     [0, 1]), iou (list [C]), hist (int64 [C, C]), text (the result block) and save_dir.
     ``devices``: torch device strings (several: one process each, e.g. ['cpu', 'cpu']).
@@ -355,23 +368,27 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
     ``uncertainty``: add ``uncertainty`` (:meth:`UncertaintyMeter.compute`),
     ``uncertainty_text`` and ``reliability_png`` to each dict, the table to the output and log.
     """
+    from furnace.engine.checkpoint import checkpoint_method, load_file
+    if protocol not in PROTOCOLS:
+        raise EvalError(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     devices = list(devices) if devices else parse_devices(None)
     paths = resolve_checkpoints(epochs, C.snapshot_dir)
     prepare_from_config(C)
-    names = get_class_names(C.dataset, C.num_classes, C.get("class_names"))
-    dataset = build_eval_dataset(C)
-    if len(dataset) == 0:
-        raise EvalError(f"the eval list {C.eval_source} is empty")
-    auto = model_factory is None
-    model, method = (None, None) if auto else (model_factory(C), None)
+    folder_C, built, model, dataset = C, None, None, None
     results = []
     for path in paths:
         start = time.time()
-        if auto:  # the checkpoint says which network it holds
-            name = checkpoint_method_of(path, trust_pickle)
-            if name != method:
-                method, model_factory = name, MethodModel(name)
-                model = model_factory(C)
+        ckpt = load_file(path, trust_pickle=trust_pickle)
+        recorded = ckpt.get("config") if isinstance(ckpt, dict) else None
+        C = checkpoint_config(folder_C, recorded, overrides, protocol == "checkpoint",
+                              source=f"{path} (its recorded config)")
+        name = checkpoint_method(ckpt)
+        if (name, C) != built:  # another network or protocol than the previous checkpoint
+            factory = model_factory or MethodModel(name)
+            model, dataset, built = factory(C), build_eval_dataset(C), (name, C)
+            if len(dataset) == 0:
+                raise EvalError(f"the eval list {C.eval_source} is empty")
+        names = get_class_names(C.dataset, C.num_classes, C.get("class_names"))
         save_dir = None
         if save_images:
             if save_path is None:
@@ -382,8 +399,8 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
         meter = UncertaintyMeter(C.num_classes, devices[0]) if uncertainty else None
         hist, epoch = evaluate_checkpoint(C, path, devices, save_dir=save_dir,
                                           verbose=verbose, model=model, dataset=dataset,
-                                          model_factory=model_factory, uncertainty=meter,
-                                          trust_pickle=trust_pickle)
+                                          model_factory=factory, uncertainty=meter,
+                                          trust_pickle=trust_pickle, ckpt=ckpt)
         m = compute_metrics(hist)
         text = format_results(m["iou"], m["miou"], m["miou_no_back"], m["pixel_acc"], names)
         extra = {}
@@ -411,23 +428,20 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
     return results
 
 
-def main(exp_dir, argv: Optional[Sequence[str]] = None, *, method: Optional[str] = None,
-         preset: Optional[str] = None) -> List[Dict[str, object]]:
+def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     """Entry point of ``exp_*/eval.py``; returns the result dicts (see :func:`run`).
 
-    ``method``/``preset``: apply a method's preset before --set, as its train script does
-    (``evalu2pl.py``: U2PL's network and evaluation protocol for this folder).
-    User errors (config, data, missing or mismatched checkpoint, bad -e/-d) print one line
-    ``error: ...`` to stderr and exit with code 2.
+    Every checkpoint is evaluated with the network and (``--protocol checkpoint``, the
+    default) the validation protocol its run recorded, whatever method wrote it; ``--set``
+    overrides both. User errors (config, data, missing or mismatched checkpoint, bad -e/-d)
+    print one line ``error: ...`` to stderr and exit with code 2.
     """
     args = build_parser().parse_args(argv)
     from furnace.engine.checkpoint import CheckpointError
     try:
         from furnace.engine.cli import log_legacy_env
         log_legacy_env()
-        from furnace.methods.presets import script_overrides
-        C = load_config(exp_dir, args.overrides,
-                        preset=script_overrides(method, preset) if method else ())
+        C = load_config(exp_dir, args.overrides)
         if args.print_config:
             from furnace.engine.cli import config_lines
             print("\n".join(config_lines(C)))
@@ -435,7 +449,8 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None, *, method: Optional[str]
         devices = parse_devices(args.devices)
         return run(C, args.epochs, devices, verbose=args.verbose,
                    save_images=args.save_images, save_path=args.save_path,
-                   uncertainty=args.uncertainty, trust_pickle=args.trust_pickle)
+                   uncertainty=args.uncertainty, trust_pickle=args.trust_pickle,
+                   overrides=args.overrides, protocol=args.protocol)
     except (ConfigError, DataError, CheckpointError, EvalError, FileNotFoundError,
             ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
