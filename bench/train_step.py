@@ -19,7 +19,8 @@ Time: median wall time per iteration over ``--repeat`` runs (ours and literal in
 after one warm-up each. Peak memory: CPU, the profiler's allocation events (as in
 bench/losses.py: peak bytes allocated above the start of the step, weights and inputs
 excluded); CUDA, ``torch.cuda.max_memory_allocated`` above the starting allocation.
-On CUDA a third row runs ours with ``fuse_passes`` and bf16 autocast.
+On CUDA the speed option is measured against the faithful fp32 default in the same run: ours
+with bf16 autocast (``amp=bf16``), ours with ``fuse_passes`` and bf16, and U2PL with bf16.
 
 The ``u2pl`` row is one U2PL iteration after its warm start (``furnace.methods.u2pl``: teacher
 pass on the unlabelled batch, CutMix, student and train-mode teacher passes on [labelled ;
@@ -46,7 +47,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from furnace.config import load_config  # noqa: E402
-from furnace.engine.trainer import DUEBStep, amp_dtype, make_optimizer  # noqa: E402
+from furnace.engine.trainer import DUEBStep, make_optimizer  # noqa: E402
 from furnace.methods import MethodContext  # noqa: E402
 from furnace.methods.u2pl import U2PL  # noqa: E402
 from furnace.models import build_network  # noqa: E402
@@ -169,24 +170,31 @@ def bench_one(backbone, size, device, repeat, B=2):
     step = DUEBStep(model, C, batch_per_process=B, amp=None)
     runs = {"ours": lambda: our_step(step, ours_opts, batch),
             "literal": lambda: literal_step(lit_model, lit_opts, batch)}
+    u2pls = [U2PL(C, MethodContext(device=device, batch_per_process=B, niters_per_epoch=10))]
+    runs["u2pl"] = lambda: u2pl_step(u2pls[0], batch)
     if device.type == "cuda":
-        Cf = copy.deepcopy(C)
-        Cf.fuse_passes = True
-        fmodel = copy.deepcopy(model)
-        fopts = (make_optimizer(fmodel.branch1, C), make_optimizer(fmodel.branch2, C))
-        fstep = DUEBStep(fmodel, Cf, batch_per_process=B, amp=amp_dtype(Cf, device))
-        runs["ours fused+bf16"] = lambda: our_step(fstep, fopts, batch)
-    u2pl = U2PL(C, MethodContext(device=device, batch_per_process=B, niters_per_epoch=10))
-    u2pl.train_mode()
-    runs["u2pl"] = lambda: u2pl_step(u2pl, batch)
+        # the speed option against the faithful fp32 default (amp=bf16, and with fused passes)
+        bf16 = torch.bfloat16
+        for name, fuse in (("ours bf16", False), ("ours fused+bf16", True)):
+            Cf = copy.deepcopy(C)
+            Cf.update(fuse_passes=fuse, amp="bf16")
+            fmodel = copy.deepcopy(model)
+            fopts = (make_optimizer(fmodel.branch1, C), make_optimizer(fmodel.branch2, C))
+            fstep = DUEBStep(fmodel, Cf, batch_per_process=B, amp=bf16)
+            runs[name] = lambda s=fstep, o=fopts: our_step(s, o, batch)
+        u2pls.append(U2PL(C, MethodContext(device=device, batch_per_process=B, amp=bf16,
+                                           niters_per_epoch=10)))
+        runs["u2pl bf16"] = lambda: u2pl_step(u2pls[1], batch)
+    for u in u2pls:
+        u.train_mode()
     times = {k: [] for k in runs}
     for k, fn in runs.items():
         fn()  # warm-up (allocator, oneDNN/cuDNN kernels)
     for _ in range(repeat):
         for k, fn in runs.items():
             times[k].append(timed(fn, device))
-    leaves = list(model.parameters()) + list(lit_model.parameters()) + \
-        list(u2pl.student.parameters()) + list(u2pl.teacher.parameters())
+    leaves = list(model.parameters()) + list(lit_model.parameters()) + [
+        p for u in u2pls for net in (u.student, u.teacher) for p in net.parameters()]
     mem = {k: peak(fn, device, leaves) for k, fn in runs.items()}
     return {k: (statistics.median(v), mem[k]) for k, v in times.items()}
 
