@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU evidence in one run (at most ~8 minutes on one CUDA GPU): the tests that touch CUDA paths,
-# bench/train_step.py on CUDA (the fp32 default against amp=bf16, and bf16 + fuse_passes) and bench/eval.py on
-# CUDA. Everything goes to one file: $OUT/gpu_check.txt when $OUT is set (the device tool),
+# bench/train_step.py on CUDA (the fp32 default against amp=bf16, and bf16 + fuse_passes) and
+# bench/eval.py on CUDA. Everything goes to one file: $OUT/gpu_check.txt when $OUT is set (the device tool),
 # else bench/gpu_check_results.txt.
 #
 #     bash bench/gpu_check.sh            # from the repository root, torch with CUDA installed
