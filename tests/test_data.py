@@ -395,7 +395,7 @@ def test_train_loaders_batches(layout, voc_root, city_root):
              niters_per_epoch=3 if layout == "voc" else 2)
     L = TrainLoaders(C, rank=0, world_size=1)
     assert len(L) == C.niters_per_epoch and len(L.labeled) == C.max_samples
-    assert isinstance(L.labeled_loader.sampler, torch.utils.data.DistributedSampler)
+    assert isinstance(L.loaders[0].sampler, torch.utils.data.DistributedSampler)
     batches = list(L.epoch(0))
     assert len(batches) == C.niters_per_epoch
     for lab, u0, u1 in batches:

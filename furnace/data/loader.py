@@ -1,6 +1,7 @@
-"""Training loaders (REFERENCE 4.3, 4.5): labelled, unlabelled-0 (with CutMix masks) and
-unlabelled-1, each over a dataset of length max_samples, with `niters_per_epoch` batches per
-epoch, drop_last, and per-process batch = batch_size // world_size.
+"""Training loaders (REFERENCE 4.3, 4.5): the streams a method declares (:class:`StreamSpec`;
+DUEB's are labelled, unlabelled-0 with CutMix masks and unlabelled-1), each over a dataset of
+length max_samples, with `niters_per_epoch` batches per epoch, drop_last, and per-process
+batch = batch_size // world_size.
 
 Unlike the reference (shuffle=True, a fresh randperm per item) each loader uses a
 `DistributedSampler` (also for one process) with its own seed and `set_epoch(epoch)`, so the
@@ -14,7 +15,8 @@ import atexit
 import random
 import warnings
 import weakref
-from typing import Any, Dict, Iterator, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -44,6 +46,39 @@ class EpochTaggedSampler(DistributedSampler):
         epoch = self.epoch
         for i in super().__iter__():
             yield (int(i), epoch)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One training stream: a loader a method draws one batch from every iteration.
+
+    ``name``: the stream's name (the method's key for it). ``source``: the list it reads,
+    ``train`` (``train_source``, labelled) or ``unlabeled`` (``unsup_source``). ``index``: its
+    seeds (sampler order, per-sample augmentation); streams of one run need distinct indices,
+    and two streams over one list with different indices see independent orders and crops.
+    ``collate``: ``collate(C)`` returns the loader's collate function (None: :func:`seg_collate`);
+    a collate sees each sample's private seed, so it can add further views of the same crop
+    (a colour-jittered strong view, CutMix masks) that do not depend on the workers.
+    """
+    name: str
+    source: str = "train"
+    index: int = 0
+    collate: Optional[Callable[[Any], Callable]] = None
+
+    def collate_fn(self, C) -> Callable:
+        return seg_collate if self.collate is None else self.collate(C)
+
+
+def cutmix_collate(C) -> MaskCollate:
+    """The collate of DUEB's unlabelled stream 0: a CutMix box mask per image (``mask``)."""
+    return MaskCollate(mask_generator_from_config(C))
+
+
+#: DUEB's streams (REFERENCE 4.5): labelled; unlabelled with CutMix masks; a second,
+#: independently shuffled and augmented unlabelled stream
+DUEB_STREAMS = (StreamSpec("labeled", "train", 0),
+                StreamSpec("unlabeled0", "unlabeled", 1, cutmix_collate),
+                StreamSpec("unlabeled1", "unlabeled", 2))
 
 
 def worker_init_fn(worker_id: int) -> None:
@@ -111,7 +146,7 @@ def _close_live_loaders() -> None:
 
 
 class TrainLoaders:
-    """The three training loaders of one process.
+    """The training loaders of one process, one per stream.
 
     Args:
         C: config with dataset, dataset_path, train_source, unsup_source, num_classes,
@@ -119,15 +154,17 @@ class TrainLoaders:
            num_workers, seed, max_samples, niters_per_epoch and the cutmix_* keys.
         rank, world_size: this process and the number of processes.
         num_workers, pin_memory: override the config / the CUDA-based default.
+        streams: the :class:`StreamSpec` s to build, in order (default DUEB's three).
     Use:
         loaders = TrainLoaders(C, rank=0, world_size=1)
-        for lab, u0, u1 in loaders.epoch(epoch):  # exactly niters_per_epoch triples
+        for lab, u0, u1 in loaders.epoch(epoch):  # exactly niters_per_epoch tuples
             lab['data'] [b,3,h,w] float32, lab['label'] [b,h,w] int64,
             u0['data'] [b,3,h,w], u0['mask'] [b,1,h,w] float32 in {0,1}, u1['data'] [b,3,h,w]
     """
 
     def __init__(self, C, rank: int = 0, world_size: int = 1,
-                 num_workers: Optional[int] = None, pin_memory: Optional[bool] = None):
+                 num_workers: Optional[int] = None, pin_memory: Optional[bool] = None,
+                 streams: Sequence[StreamSpec] = DUEB_STREAMS):
         self.rank, self.world_size = int(rank), int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
@@ -147,16 +184,21 @@ class TrainLoaders:
         max_samples = _cfg(C, "max_samples")
         self.max_samples = int(max_samples) if max_samples is not None else max(
             self.n_labeled, self.n_unlabeled)
-        self.labeled = build_train_dataset(C, "train", stream=0, file_length=self.max_samples)
-        self.unlabeled0 = build_train_dataset(C, "unlabeled", stream=1,
-                                              file_length=self.max_samples)
-        self.unlabeled1 = build_train_dataset(C, "unlabeled", stream=2,
-                                              file_length=self.max_samples)
-
+        self.streams = list(streams)
+        indices = [s.index for s in self.streams]
+        if not self.streams or len(set(indices)) != len(indices):
+            raise ValueError(f"streams need distinct indices, got {indices}")
+        for s in self.streams:
+            if s.source not in ("train", "unlabeled"):
+                raise ValueError(f"stream {s.name!r}: source must be 'train' or 'unlabeled', "
+                                 f"got {s.source!r}")
+        self.datasets = [build_train_dataset(C, s.source, stream=s.index,
+                                             file_length=self.max_samples)
+                         for s in self.streams]
         self.samplers = [
             EpochTaggedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=True,
-                               seed=self.seed + k * _SEED_STRIDE, drop_last=True)
-            for k, ds in enumerate((self.labeled, self.unlabeled0, self.unlabeled1))]
+                               seed=self.seed + s.index * _SEED_STRIDE, drop_last=True)
+            for s, ds in zip(self.streams, self.datasets)]
         self.batches_per_pass = len(self.samplers[0]) // self.batch_size
         if self.batches_per_pass < 1:
             raise DataError(f"max_samples={self.max_samples} over world_size={self.world_size} "
@@ -168,12 +210,10 @@ class TrainLoaders:
         if self.niters_per_epoch < 1:
             raise DataError(f"niters_per_epoch={self.niters_per_epoch} must be >= 1")
 
-        collates = (seg_collate, MaskCollate(mask_generator_from_config(C)), seg_collate)
         self.loaders = [
-            make_loader(ds, self.batch_size, s, col, nw, self.seed + k * _SEED_STRIDE, pin_memory)
-            for k, (ds, s, col) in enumerate(zip(
-                (self.labeled, self.unlabeled0, self.unlabeled1), self.samplers, collates))]
-        self.labeled_loader, self.unlabeled0_loader, self.unlabeled1_loader = self.loaders
+            make_loader(ds, self.batch_size, sampler, s.collate_fn(C), nw,
+                        self.seed + s.index * _SEED_STRIDE, pin_memory)
+            for s, ds, sampler in zip(self.streams, self.datasets, self.samplers)]
         if nw > 0:
             if not _AT_EXIT:  # registered after multiprocessing's hook, so it runs before it
                 atexit.register(_close_live_loaders)
@@ -199,12 +239,12 @@ class TrainLoaders:
                 yield batch
             p += 1
 
-    def epoch(self, epoch: int) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]]:
-        """Yield exactly niters_per_epoch (labelled, unlabelled-0, unlabelled-1) batch triples."""
-        streams = [self._stream(k, int(epoch)) for k in range(3)]
+    def epoch(self, epoch: int) -> Iterator[Tuple[Dict[str, Any], ...]]:
+        """Yield exactly niters_per_epoch tuples of batches, one per stream."""
+        streams = [self._stream(k, int(epoch)) for k in range(len(self.loaders))]
         try:
             for _ in range(self.niters_per_epoch):
-                yield next(streams[0]), next(streams[1]), next(streams[2])
+                yield tuple(next(s) for s in streams)
         finally:
             for s in streams:
                 s.close()

@@ -145,16 +145,17 @@ def save_snapshot(snapshot_dir: os.PathLike, state: Dict[str, Any]) -> Path:
     return path
 
 
-def save_best(snapshot_dir: os.PathLike, state: Dict[str, Any]) -> Path:
-    """Write ``best.pth`` (the checkpoint with the best validation mIoU so far)."""
-    path = Path(snapshot_dir) / BEST
+def save_best(snapshot_dir: os.PathLike, state: Dict[str, Any], name: str = "") -> Path:
+    """Write ``best.pth`` (the checkpoint with the best validation mIoU so far), or
+    ``best-<name>.pth`` for one of a method's several eval models."""
+    path = Path(snapshot_dir) / (f"best-{name}.pth" if name else BEST)
     atomic_save(state, path)
     return path
 
 
 def training_state(method, *, epoch: int, iteration: int, global_iteration: int,
                    resume_at, config: Dict[str, Any], scaler=None,
-                   best_miou: Optional[float] = None, version: str = "") -> Dict[str, Any]:
+                   best_miou: Any = None, version: str = "") -> Dict[str, Any]:
     """A format-2 checkpoint of ``method`` (see the module docstring)."""
     state: Dict[str, Any] = {"format": FORMAT, "method": method.name}
     for key, module in method.modules.items():

@@ -1,4 +1,5 @@
-"""Poly learning-rate schedule of the reference (``WarmUpPolyLR``), applied per iteration."""
+"""Learning-rate schedules, applied per iteration (a method owns one per optimiser): the
+reference's poly schedule (``WarmUpPolyLR``) and a constant one."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -25,6 +26,16 @@ class PolyLR:
         if self.warmup_iters > 0 and t < self.warmup_iters:
             return self.base_lr * (t / self.warmup_iters)
         return self.base_lr * (1 - t / self.total_iters) ** self.power
+
+
+class ConstantLR:
+    """lr(t) = base for every t (e.g. a reference that never decays an optimiser's LR)."""
+
+    def __init__(self, base_lr: float):
+        self.base_lr = base_lr
+
+    def get_lr(self, t: int) -> float:
+        return self.base_lr
 
 
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> None:

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -27,15 +28,20 @@ from .. import __version__
 from ..config import Config
 from ..data import TrainLoaders, per_process_batch
 from ..data.demo import prepare_from_config
-from ..methods import STREAMS, MethodContext, get_method, method_name
+from ..methods import Method, MethodContext, get_method, method_name
 from ..methods.groups import reference_groups
 from . import checkpoint as ckpt_io
 from .dist import (DistInfo, average_gradients, broadcast_module, max_rank_divergence,
                    reduce_mean)
-from .lr import PolyLR, set_lr
+from .lr import set_lr
 from .runlock import run_guard
 from .streams import epoch_batches
 from .syncbn import convert_sync_batchnorm
+
+try:
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
 
 logger = logging.getLogger("furnace.engine")
 
@@ -224,17 +230,50 @@ def train(C: Config, info: DistInfo, resume: Optional[str] = None, *,
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _prepare(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    """SyncBN under DDP, onto the device, rank 0's initial weights everywhere."""
-    if info.distributed:
+def _prepare(module: torch.nn.Module, info: DistInfo, device: torch.device,
+             sync_batchnorm: bool = True) -> torch.nn.Module:
+    """SyncBN under DDP (when the method wants it), onto the device, rank 0's initial weights
+    everywhere."""
+    if info.distributed and sync_batchnorm:
         module = convert_sync_batchnorm(module, device)
     module.to(device)
     broadcast_module(module, info)
     return module
 
 
-def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.device,
-           batch: int, trust_pickle: bool) -> Path:
+@dataclass
+class Run:
+    """What one training run holds between its parts (set-up fills it; the epochs read it)."""
+    C: Config
+    info: DistInfo
+    method: Method
+    loaders: TrainLoaders
+    scaler: Any
+    schedules: Dict[str, Any]
+    params: List[torch.nn.Parameter]
+    log: "_TrainLog"
+    niters: int                        # iterations run per epoch (debug may shorten it)
+    niters_full: int                   # the schedule's iterations per epoch
+    start_epoch: int = 0
+    start_idx: int = 0
+    resumed: bool = False
+    best: Any = None                   # best validation mIoU so far (a fraction; by name for
+    #                                    a method with several eval models)
+    snapshot_dir: Path = Path(".")
+
+    def state(self, epoch: int, idx: int, best: Optional[float] = None) -> Dict[str, Any]:
+        """The checkpoint after iteration ``idx`` of ``epoch`` (format 2)."""
+        nxt = [epoch, idx + 1] if idx + 1 < self.niters else [epoch + 1, 0]
+        return ckpt_io.training_state(
+            self.method, epoch=epoch, iteration=idx,
+            global_iteration=epoch * self.niters_full + idx, resume_at=nxt,
+            config=self.C.to_dict(), scaler=self.scaler,
+            best_miou=self.best if best is None else best, version=__version__)
+
+
+def _setup(C: Config, info: DistInfo, resume: Optional[str], device: torch.device,
+           batch: int, trust_pickle: bool) -> Run:
+    """The method, its optimisers' schedules, the resumed position, the loaders and the log."""
     cls = get_method(method_name(C))
     niters_full = C.niters_per_epoch
     niters = min(C.debug, niters_full) if C.debug else niters_full
@@ -243,9 +282,9 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
                               info.rank)
     ctx = MethodContext(device=device, batch_per_process=batch, amp=amp, rank=info.rank,
                         world_size=info.world_size, niters_per_epoch=niters_full,
-                        groups=groups, prepare=lambda m: _prepare(m, info, device))
+                        groups=groups,
+                        prepare=lambda m: _prepare(m, info, device, cls.sync_batchnorm))
     method = cls(C, ctx)
-    optimizers = list(method.optimizers.values())
     scaler = grad_scaler(device, enabled=amp is torch.float16)
     # independent aleatoric noise and augmentation per rank
     seed_everything(C.seed + info.rank)
@@ -271,191 +310,227 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
         prepare_from_config(C)
     if info.distributed:
         torch.distributed.barrier()
-    loaders = TrainLoaders(C, rank=info.rank, world_size=info.world_size)
-    stream_ids = [STREAMS.index(s) for s in cls.streams]
+    loaders = TrainLoaders(C, rank=info.rank, world_size=info.world_size,
+                           streams=cls.stream_specs())
     params, seen = [], set()
     for module in method.modules.values():
         for p in module.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-    policy = PolyLR(C.lr, C.lr_power, C.nepochs * niters_full, niters_full * C.warm_up_epoch)
+    schedules = method.lr_schedules(C.nepochs * niters_full, niters_full * C.warm_up_epoch)
+    if set(schedules) != set(method.optimizers):
+        raise ValueError(f"{cls.__name__}.lr_schedules() must give one schedule per optimiser "
+                         f"{sorted(method.optimizers)}, got {sorted(schedules)}")
     log = _TrainLog(C, info.is_main)
     log.line(f"# furnace {__version__}: method={cls.name} {method.describe()} "
              f"world_size={info.world_size} reference_groups={groups.per_process}/process "
              f"of {groups.total} device={device} amp={C.amp} config={C.to_dict()}")
     if resume:
         log.line(f"# resumed from {resume} at epoch {start_epoch} iteration {start_idx}")
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
+    return Run(C, info, method, loaders, scaler, schedules, params, log, niters, niters_full,
+               start_epoch, start_idx, bool(resume), best, Path(C.snapshot_dir))
 
-    snapshot_dir = Path(C.snapshot_dir)
-    every = int(C.get("snapshot_every_iters") or 0)
-    eval_every = int(C.get("eval_every") or 0)
 
-    def state(epoch: int, idx: int, t_global: int, best_miou: Optional[float] = None
-              ) -> Dict[str, Any]:
-        """The checkpoint after iteration ``idx`` of ``epoch`` (format 2)."""
-        nxt = [epoch, idx + 1] if idx + 1 < niters else [epoch + 1, 0]
-        return ckpt_io.training_state(method, epoch=epoch, iteration=idx,
-                                      global_iteration=t_global, resume_at=nxt,
-                                      config=C.to_dict(), scaler=scaler,
-                                      best_miou=best if best_miou is None else best_miou,
-                                      version=__version__)
-
+def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.device,
+           batch: int, trust_pickle: bool) -> Path:
+    """Set up, then the epochs (as torchvision's ``main`` around ``train_one_epoch``), then
+    the end-of-run guard; the reason the run stopped ends the train log."""
+    run = _setup(C, info, resume, device, batch, trust_pickle)
     reason = "error"
     try:
         with _StopSignals() as stop:
-            for epoch in range(start_epoch, C.nepochs):
-                method.train_mode()
-                first = start_idx if epoch == start_epoch else 0
-                batches = epoch_batches(loaders, epoch, stream_ids, first, niters)
-                bar = range(first, niters)
-                if tqdm is not None and info.is_main:
-                    # iteration/total, it/s and ETA first, then the losses; at most BAR_WIDTH
-                    bar = tqdm(bar, file=sys.stdout, ncols=BAR_WIDTH, leave=False,
-                               bar_format=BAR_FORMAT, initial=first, total=niters)
-                t0 = time.time()
-                for idx in bar:
-                    data = [_to_device(b, device) for b in next(batches)]
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    # the method calls backward on its loss (or parts of it); the optimisers
-                    # only step after the finiteness check below
-                    t_global = epoch * niters_full + idx
-                    loss, terms, extras = method.train_step(
-                        data, iteration=t_global, epoch=epoch,
-                        backward=lambda l: scaler.scale(l).backward())
-                    lr = policy.get_lr(t_global)
-                    set_lr(optimizers, lr)
-                    names = list(terms)
-                    # the stop request rides along with the logged values: every rank sees
-                    # it at the same iteration, so all of them stop together
-                    flags = torch.tensor([float(stop.signum == s) for s in stop.signals],
-                                         device=device)
-                    stacked = torch.cat([torch.stack([terms[n].detach().float()
-                                                      for n in names]), flags])
-                    reduced = reduce_mean(stacked, info).tolist()
-                    got = [s for s, f in zip(stop.signals, reduced[len(names):]) if f > 0]
-                    values = dict(zip(names, reduced[:len(names)]))
-                    bad = [n for n in names if not math.isfinite(values[n])]
-                    if bad:
-                        reason = "NaN"
-                        raise NonFiniteLossError(
-                            f"loss term '{bad[0]}' is {values[bad[0]]} at epoch {epoch} "
-                            f"iteration {idx} (global {t_global}); stopped before the optimiser "
-                            f"step, the last checkpoint in {snapshot_dir} is intact. Try a "
-                            "lower lr or amp=off.")
-                    average_gradients(params, info)
-                    for opt in optimizers:
-                        scaler.step(opt)
-                    scaler.update()
-                    method.after_step(iteration=t_global, epoch=epoch)
-                    if info.is_main:
-                        line = format_line(epoch, C.nepochs, idx, niters, lr, values,
-                                           method.log_line(values))
-                        log.line(line)
-                        if hasattr(bar, "set_description_str"):
-                            bar.set_description_str(bar_text(epoch, C.nepochs, values),
-                                                    refresh=False)
-                        log.scalars(dict(values, lr=lr), t_global)
-                        if C.tb_images_every and t_global % C.tb_images_every == 0:
-                            log.images(extras, C, t_global)
-                    if got:
-                        signum = stop.signum if stop.signum is not None else got[0]
-                        name = signal.Signals(signum).name
-                        path = None
-                        if info.is_main:
-                            if hasattr(bar, "close"):
-                                bar.close()
-                            path = ckpt_io.save_snapshot(snapshot_dir,
-                                                         state(epoch, idx, t_global))
-                            log.line(f"# saved {path}")
-                        reason = f"interrupted ({name})"
-                        raise TrainingInterrupted(name, signum, path,
-                                                  f"at epoch {epoch} iteration {idx}")
-                    if (every and (t_global + 1) % every == 0 and idx + 1 < niters
-                            and info.is_main):
-                        path = ckpt_io.save_snapshot(snapshot_dir, state(epoch, idx, t_global))
-                        log.line(f"# saved {path} (epoch {epoch} iteration {idx})")
-                if info.is_main:
-                    if hasattr(bar, "close"):
-                        bar.close()
-                    msg = (f"epoch {epoch + 1}/{C.nepochs} done in {time.time() - t0:.1f}s "
-                           f"({(time.time() - t0) / max(1, niters - first):.3f}s/iter)")
-                    log.line("# " + msg)
-                    print(msg, flush=True)
-                if eval_every and ((epoch + 1) % eval_every == 0 or epoch == C.nepochs - 1):
-                    best = _validate(method, C, info, log, epoch, niters, niters_full, best,
-                                     snapshot_dir, state)
-                if info.is_main and should_save(C, epoch):
-                    path = ckpt_io.save_checkpoint(snapshot_dir, epoch,
-                                                   state(epoch, niters - 1, t_global),
-                                                   C.snapshot_keep)
-                    log.line(f"# saved {path}")
+            for epoch in range(run.start_epoch, C.nepochs):
+                run.method.train_mode()
+                run.method.on_epoch_start(epoch, resumed=run.resumed
+                                          and epoch == run.start_epoch)
+                first = run.start_idx if epoch == run.start_epoch else 0
+                train_one_epoch(run, epoch, first, stop)
+                end_of_epoch(run, epoch)
                 if C.stop_after_epoch is not None and epoch >= C.stop_after_epoch:
                     break
             if info.distributed:
                 # a cheap end-of-run guard that gradient averaging kept the replicas identical
-                diff = max(max_rank_divergence(m, info) for m in method.modules.values())
-                log.line(f"# max parameter difference across {info.world_size} ranks: "
-                         f"{diff:.3e}")
+                diff = max(max_rank_divergence(m, info) for m in run.method.modules.values())
+                run.log.line(f"# max parameter difference across {info.world_size} ranks: "
+                             f"{diff:.3e}")
         reason = "finished"
-    except (TrainingInterrupted, NonFiniteLossError):
-        raise                            # their reasons are set where they are raised
+    except TrainingInterrupted as e:
+        reason = f"interrupted ({e.signame})"
+        raise
+    except NonFiniteLossError:
+        reason = "NaN"
+        raise
     except BaseException as e:
         reason = f"error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         raise
     finally:
-        log.line(f"# stopped: {reason}")
-        log.close()
-    return snapshot_dir
+        run.log.line(f"# stopped: {reason}")
+        run.log.close()
+    return run.snapshot_dir
 
 
-def _validate(method, C: Config, info: DistInfo, log: _TrainLog, epoch: int, niters: int,
-              niters_full: int, best: Optional[float], snapshot_dir: Path,
-              state) -> Optional[float]:
-    """Evaluate the method's eval model on the val list (rank 0), log mIoU, keep best.pth.
-    Returns the best mIoU so far (a fraction)."""
+def train_one_epoch(run: Run, epoch: int, first: int, stop: "_StopSignals") -> None:
+    """Iterations ``first .. niters-1`` of ``epoch``: one :func:`train_step` each, its log
+    line, a checkpoint and a clean stop on a preemption signal, and the periodic mid-epoch
+    checkpoint (``snapshot_every_iters``)."""
+    C, info = run.C, run.info
+    batches = epoch_batches(run.loaders, epoch, range(len(run.loaders.loaders)), first,
+                            run.niters)
+    bar = range(first, run.niters)
+    if tqdm is not None and info.is_main:
+        # iteration/total, it/s and ETA first, then the losses; at most BAR_WIDTH
+        bar = tqdm(bar, file=sys.stdout, ncols=BAR_WIDTH, leave=False, bar_format=BAR_FORMAT,
+                   initial=first, total=run.niters)
+    every = int(C.get("snapshot_every_iters") or 0)
+    t0 = time.time()
+    for idx in bar:
+        data = [_to_device(b, info.device) for b in next(batches)]
+        t_global = epoch * run.niters_full + idx
+        values, lr, extras, got = train_step(run, data, epoch, idx, t_global, stop)
+        if info.is_main:
+            log_iteration(run, epoch, idx, t_global, lr, values, extras, bar)
+        if got:
+            signum = stop.signum if stop.signum is not None else got[0]
+            name = signal.Signals(signum).name
+            path = None
+            if info.is_main:
+                if hasattr(bar, "close"):
+                    bar.close()
+                path = ckpt_io.save_snapshot(run.snapshot_dir, run.state(epoch, idx))
+                run.log.line(f"# saved {path}")
+            raise TrainingInterrupted(name, signum, path, f"at epoch {epoch} iteration {idx}")
+        if every and (t_global + 1) % every == 0 and idx + 1 < run.niters and info.is_main:
+            path = ckpt_io.save_snapshot(run.snapshot_dir, run.state(epoch, idx))
+            run.log.line(f"# saved {path} (epoch {epoch} iteration {idx})")
+    if info.is_main:
+        if hasattr(bar, "close"):
+            bar.close()
+        msg = (f"epoch {epoch + 1}/{C.nepochs} done in {time.time() - t0:.1f}s "
+               f"({(time.time() - t0) / max(1, run.niters - first):.3f}s/iter)")
+        run.log.line("# " + msg)
+        print(msg, flush=True)
+
+
+def train_step(run: Run, data: List[Dict], epoch: int, idx: int, t_global: int,
+               stop: "_StopSignals"):
+    """One iteration: the method's losses and backward, every optimiser's LR from its
+    schedule, the loss terms (and the stop flags) averaged over ranks and checked for
+    NaN/inf, gradients averaged, the optimiser steps and the method's after-step hook.
+    Returns (values: rank-mean terms, lr: the first optimiser's LR, extras, signals seen)."""
+    method, info, scaler = run.method, run.info, run.scaler
+    for opt in method.optimizers.values():
+        opt.zero_grad(set_to_none=method.zero_grad_set_to_none)
+    # the method calls backward on its loss (or parts of it); the optimisers only step after
+    # the finiteness check below
+    loss, terms, extras = method.train_step(data, iteration=t_global, epoch=epoch,
+                                            backward=lambda l: scaler.scale(l).backward())
+    lrs = [run.schedules[k].get_lr(t_global) for k in method.optimizers]
+    for opt, lr in zip(method.optimizers.values(), lrs):
+        set_lr([opt], lr)
+    names = list(terms)
+    # the stop request rides along with the logged values: every rank sees it at the same
+    # iteration, so all of them stop together
+    flags = torch.tensor([float(stop.signum == s) for s in stop.signals], device=info.device)
+    stacked = torch.cat([torch.stack([terms[n].detach().float() for n in names]), flags])
+    reduced = reduce_mean(stacked, info).tolist()
+    got = [s for s, f in zip(stop.signals, reduced[len(names):]) if f > 0]
+    values = dict(zip(names, reduced[:len(names)]))
+    bad = [n for n in names if not math.isfinite(values[n])]
+    if bad:
+        raise NonFiniteLossError(
+            f"loss term '{bad[0]}' is {values[bad[0]]} at epoch {epoch} iteration {idx} "
+            f"(global {t_global}); stopped before the optimiser step, the last checkpoint in "
+            f"{run.snapshot_dir} is intact. Try a lower lr or amp=off.")
+    average_gradients(run.params, info)
+    for opt in method.optimizers.values():
+        scaler.step(opt)
+    scaler.update()
+    method.after_step(iteration=t_global, epoch=epoch)
+    return values, lrs[0], extras, got
+
+
+def log_iteration(run: Run, epoch: int, idx: int, t_global: int, lr: float,
+                  values: Dict[str, float], extras: Dict[str, torch.Tensor], bar) -> None:
+    """Rank 0: the train-log line, the progress bar's losses, tensorboard scalars and, every
+    ``tb_images_every`` iterations, images."""
+    C = run.C
+    run.log.line(format_line(epoch, C.nepochs, idx, run.niters, lr, values,
+                             run.method.log_line(values)))
+    if hasattr(bar, "set_description_str"):
+        bar.set_description_str(bar_text(epoch, C.nepochs, values), refresh=False)
+    run.log.scalars(dict(values, lr=lr), t_global)
+    if C.tb_images_every and t_global % C.tb_images_every == 0:
+        run.log.images(extras, C, t_global)
+
+
+def end_of_epoch(run: Run, epoch: int) -> None:
+    """Validation every ``eval_every`` epochs (and after the last), then the epoch's
+    checkpoint on the reference schedule."""
+    C = run.C
+    eval_every = int(C.get("eval_every") or 0)
+    if eval_every and ((epoch + 1) % eval_every == 0 or epoch == C.nepochs - 1):
+        run.best = _validate(run, epoch)
+    if run.info.is_main and should_save(C, epoch):
+        path = ckpt_io.save_checkpoint(run.snapshot_dir, epoch, run.state(epoch, run.niters - 1),
+                                       C.snapshot_keep)
+        run.log.line(f"# saved {path}")
+
+
+def _validate(run: Run, epoch: int) -> Any:
+    """Evaluate each of the method's eval models on the val list (rank 0), log its mIoU and
+    keep its best checkpoint (``best.pth``; ``best-<name>.pth`` when there are several).
+    Returns the best mIoU so far: a fraction, or a dict by name for several models."""
+    C, info, log = run.C, run.info, run.log
+    models = run.method.eval_models()
+    several = len(models) > 1
+    best = dict(run.best) if several and isinstance(run.best, dict) else \
+        {} if several else {name: run.best for name in models}
     if info.is_main:
         from ..eval.loop import evaluate_model, validation_config
-        t0 = time.time()
-        # validation must not move the training RNG streams (a run with eval_every then
-        # trains exactly as one without)
-        devices = [info.device] if info.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            m = evaluate_model(method.eval_model(), validation_config(C),
-                               str(info.device),
-                               uncertainty=bool(C.get("eval_uncertainty", False)))
-        miou = float(m["miou"])
-        step = (epoch + 1) * niters_full
-        log.scalars({"miou": miou, "pixel_acc": float(m["pixel_acc"])}, step, prefix="val")
-        if "uncertainty" in m:
-            u = m["uncertainty"]
-            values = {"ece": float(u["ece"])}
-            for name, s in u["scores"].items():
-                values.update({f"auroc_{name}": float(s["auroc"]),
-                               f"aupr_{name}": float(s["aupr"])})
-            log.scalars(values, step, prefix="val_uncertainty")
-            for line in m["uncertainty_text"].splitlines():
-                log.line(f"# val epoch {epoch + 1} {line}")
-            print(m["uncertainty_text"], flush=True)
-        improved = best is None or miou > best
-        log.line(f"# val epoch {epoch + 1}: mIoU {100 * miou:.3f}% pixel acc "
-                 f"{100 * float(m['pixel_acc']):.3f}% ({time.time() - t0:.1f}s)"
-                 + (" best" if improved else f" (best {100 * best:.3f}%)"))
-        print(f"val epoch {epoch + 1}: mIoU {100 * miou:.2f}%", flush=True)
-        if improved:
-            best = miou
-            path = ckpt_io.save_best(snapshot_dir, state(epoch, niters - 1,
-                                                         epoch * niters_full + niters - 1, best))
-            log.line(f"# saved {path}")
+        for name, model in models.items():
+            tag = f" {name}" if several else ""
+            t0 = time.time()
+            # validation must not move the training RNG streams (a run with eval_every then
+            # trains exactly as one without)
+            devices = [info.device] if info.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                m = evaluate_model(model, validation_config(C), str(info.device),
+                                   uncertainty=bool(C.get("eval_uncertainty", False)))
+            miou = float(m["miou"])
+            step = (epoch + 1) * run.niters_full
+            prefix = f"val/{name}" if several else "val"
+            log.scalars({"miou": miou, "pixel_acc": float(m["pixel_acc"])}, step,
+                        prefix=prefix)
+            if "uncertainty" in m:
+                u = m["uncertainty"]
+                values = {"ece": float(u["ece"])}
+                for score, v in u["scores"].items():
+                    values.update({f"auroc_{score}": float(v["auroc"]),
+                                   f"aupr_{score}": float(v["aupr"])})
+                log.scalars(values, step, prefix=prefix.replace("val", "val_uncertainty"))
+                for line in m["uncertainty_text"].splitlines():
+                    log.line(f"# val epoch {epoch + 1}{tag} {line}")
+                print(m["uncertainty_text"], flush=True)
+            old = best.get(name)
+            improved = old is None or miou > old
+            log.line(f"# val epoch {epoch + 1}{tag}: mIoU {100 * miou:.3f}% pixel acc "
+                     f"{100 * float(m['pixel_acc']):.3f}% ({time.time() - t0:.1f}s)"
+                     + (" best" if improved else f" (best {100 * old:.3f}%)"))
+            print(f"val epoch {epoch + 1}{tag}: mIoU {100 * miou:.2f}%", flush=True)
+            if improved:
+                best[name] = miou
+                path = ckpt_io.save_best(run.snapshot_dir,
+                                         run.state(epoch, run.niters - 1,
+                                                   best if several else miou),
+                                         name if several else "")
+                log.line(f"# saved {path}")
     if info.distributed:
-        # every rank keeps the same best value (for its checkpoints) and waits for rank 0
-        t = torch.tensor([best if best is not None else -1.0], dtype=torch.float64,
-                         device=info.device)
+        # every rank keeps the same best values (for its checkpoints) and waits for rank 0
+        t = torch.tensor([best.get(n) if best.get(n) is not None else -1.0 for n in models],
+                         dtype=torch.float64, device=info.device)
         torch.distributed.broadcast(t, src=0)
-        best = None if t.item() < 0 else t.item()
-    return best
+        best = {n: (None if v < 0 else v) for n, v in zip(models, t.tolist())}
+    if several:
+        return {n: v for n, v in best.items() if v is not None}
+    return next(iter(best.values()))

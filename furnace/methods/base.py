@@ -6,11 +6,14 @@ finiteness checks, logging, checkpoints, validation and preemption. It knows no 
 name; it calls, per run and per iteration:
 
     m = MethodClass(C, ctx)                  # build modules and optimisers (ctx: device, ...)
-    m.streams                                # which loaders to draw each iteration
+    m.stream_specs()                         # the loaders to build and draw each iteration
+    m.lr_schedules(total, warmup)            # one LR schedule per optimiser (poly by default)
+    m.on_epoch_start(e, resumed=...)         # after train_mode(), at every epoch's start
     loss, terms, extras = m.train_step(batches, iteration=t, epoch=e, backward=fn)
-    (the engine averages gradients across ranks and steps every optimiser in m.optimizers)
+    (the engine sets each optimiser's LR, averages gradients across ranks and steps every
+    optimiser in m.optimizers; zero_grad before the step as ``zero_grad_set_to_none`` says)
     m.after_step(iteration=t, epoch=e)       # e.g. an EMA teacher update
-    m.eval_model()                           # validated by eval_every, saved as best.pth
+    m.eval_models()                          # validated by eval_every, best.pth per name
     m.extra_state() / m.load_extra_state(s)  # e.g. memory queues, an EMA step counter
     m.log_line(values)                       # the method's part of the train-log line
 
@@ -21,17 +24,20 @@ Checkpoints store ``{key: module.state_dict()}`` for ``m.modules`` and the same 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..data.loader import DUEB_STREAMS, StreamSpec
+from ..engine.lr import PolyLR
 from .groups import ReferenceGroups
 
-#: The loaders the engine can provide, each a dict of device tensors per iteration:
-#: ``labeled``: data [B,3,H,W] float, label [B,H,W] int64; ``unlabeled0``: data, mask
-#: [B,1,H,W] in {0,1} (CutMix boxes); ``unlabeled1``: data (a second, independent draw).
-STREAMS = ("labeled", "unlabeled0", "unlabeled1")
+#: The streams a method may name instead of declaring its own (DUEB's), each a dict of device
+#: tensors per iteration: ``labeled``: data [B,3,H,W] float, label [B,H,W] int64;
+#: ``unlabeled0``: data, mask [B,1,H,W] in {0,1} (CutMix boxes); ``unlabeled1``: data (a
+#: second, independent draw).
+STREAMS = tuple(s.name for s in DUEB_STREAMS)
 
 Batch = Dict[str, torch.Tensor]
 StepResult = Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]
@@ -72,8 +78,12 @@ class Method:
 
     Class attributes:
         name: the registry key (the ``method`` config key).
-        streams: the loaders used, a subset of :data:`STREAMS`, in the order given to
-            :meth:`train_step` (fewer streams: less data loading).
+        streams: the loaders used, in the order given to :meth:`train_step`: names of
+            :data:`STREAMS` (DUEB's) or :class:`~furnace.data.StreamSpec` s of the method's
+            own (list, seeds, collate); only these are loaded.
+        sync_batchnorm: BatchNorm becomes SyncBatchNorm under DDP (False: per-process
+            statistics, e.g. a reference whose BN was per GPU).
+        zero_grad_set_to_none: how the engine clears gradients before each step.
         presets: ``{preset name: ['key=value', ...]}`` applied before the environment and
             ``--set`` (so the command line has the last word); scripts pick one.
         checkpoint_model_key: the ``modules`` key whose weights :meth:`build_eval_model`'s
@@ -83,7 +93,9 @@ class Method:
     """
 
     name: ClassVar[str] = ""
-    streams: ClassVar[Sequence[str]] = ("labeled",)
+    streams: ClassVar[Sequence[Union[str, StreamSpec]]] = ("labeled",)
+    sync_batchnorm: ClassVar[bool] = True
+    zero_grad_set_to_none: ClassVar[bool] = True
     presets: ClassVar[Mapping[str, Sequence[str]]] = {}
     checkpoint_model_key: ClassVar[str] = "model"
 
@@ -92,6 +104,28 @@ class Method:
         self.ctx = ctx
         self.modules: Dict[str, nn.Module] = {}
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
+
+    # -- streams and schedules
+    @classmethod
+    def stream_specs(cls) -> List[StreamSpec]:
+        """``streams`` as :class:`~furnace.data.StreamSpec` s (names: DUEB's streams)."""
+        known = {s.name: s for s in DUEB_STREAMS}
+        out = [s if isinstance(s, StreamSpec) else known.get(s) for s in cls.streams]
+        if not out or None in out:
+            raise ValueError(f"{cls.__name__}.streams must be a non-empty sequence of "
+                             f"StreamSpec or names of {STREAMS}; got {tuple(cls.streams)}")
+        return out
+
+    def lr_schedules(self, total_iters: int, warmup_iters: int = 0) -> Dict[str, Any]:
+        """One schedule per key of ``optimizers`` (an object with ``get_lr(t)``, t the global
+        iteration); default: the reference's poly LR from ``C.lr`` for every optimiser. A
+        parameter group's ``lr_mult`` scales its optimiser's LR."""
+        return {k: PolyLR(self.C.lr, self.C.lr_power, total_iters, warmup_iters)
+                for k in self.optimizers}
+
+    def on_epoch_start(self, epoch: int, *, resumed: bool) -> None:
+        """Called at the start of every epoch, after :meth:`train_mode`; ``resumed``: this is
+        the first epoch of a run resumed from a checkpoint (possibly mid-epoch)."""
 
     # -- per iteration
     def train_step(self, batches: Sequence[Batch], *, iteration: int, epoch: int,
@@ -118,6 +152,12 @@ class Method:
     def eval_model(self) -> nn.Module:
         """The network to validate: in eval mode ``model(x)`` [B,3,H,W] -> logits [B,C,H,W]."""
         return self.modules[self.checkpoint_model_key]
+
+    def eval_models(self) -> Dict[str, nn.Module]:
+        """The networks validated during training, by name (default: :meth:`eval_model`
+        alone, validated as ``best.pth``); with several, each has its log line and its
+        ``best-<name>.pth``."""
+        return {self.checkpoint_model_key: self.eval_model()}
 
     @classmethod
     def build_eval_model(cls, C) -> nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Type
 
 from ..config import ConfigError
-from .base import STREAMS, Method
+from .base import Method
 from .presets import method_name  # noqa: F401  (re-exported)
 
 _REGISTRY: Dict[str, Type[Method]] = {}
@@ -19,10 +19,7 @@ def register(cls: Optional[Type[Method]] = None, *, name: Optional[str] = None,
         key = name or c.name
         if not key:
             raise ValueError(f"{c.__name__}: set the class attribute `name` or pass name=")
-        bad = [s for s in c.streams if s not in STREAMS]
-        if bad or not c.streams:
-            raise ValueError(f"{c.__name__}.streams must be a non-empty subset of {STREAMS}; "
-                             f"got {tuple(c.streams)}")
+        c.stream_specs()          # raises for streams it cannot build
         if key in _REGISTRY and _REGISTRY[key] is not c and not replace:
             raise ValueError(f"method '{key}' is already registered ({_REGISTRY[key].__name__})")
         c.name = key
