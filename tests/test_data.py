@@ -394,7 +394,7 @@ def test_train_loaders_batches(layout, voc_root, city_root):
     C = _cfg(root, layout, max_samples=6 if layout == "voc" else 4,
              niters_per_epoch=3 if layout == "voc" else 2)
     L = TrainLoaders(C, rank=0, world_size=1)
-    assert len(L) == C.niters_per_epoch and len(L.labeled) == C.max_samples
+    assert len(L) == C.niters_per_epoch and len(L.datasets[0]) == C.max_samples
     assert isinstance(L.loaders[0].sampler, torch.utils.data.DistributedSampler)
     batches = list(L.epoch(0))
     assert len(batches) == C.niters_per_epoch

@@ -15,7 +15,7 @@ from furnace.losses import OhemCrossEntropy
 from furnace.losses.contrastive import label_onehot
 from furnace.methods import MethodContext
 from furnace.methods.groups import GroupError, ReferenceGroups, reference_groups
-from furnace.methods.u2pl import U2PL, SupervisedLoss, upsample
+from furnace.methods.u2pl import U2PL, SupervisedLoss
 
 
 def sets(onehot):
