@@ -328,3 +328,20 @@ def test_plain_eval_rebuilds_a_dueb_network_from_the_checkpoint(tmp_path, monkey
     val = re.findall(r"# val epoch 1: mIoU ([\d.]+)% pixel acc ([\d.]+)%", log)
     assert val == [(f"{100 * m['miou']:.3f}", f"{100 * m['pixel_acc']:.3f}")]
     assert len(m["iou"]) == 5
+
+
+def test_run_folders_per_method_and_eval_run(voc_exp, first_run, tmp_path):
+    """Scripts of methods other than DUEB write to log/<method>-<preset>; eval.py --run
+    finds those runs (and writes its val log there), DUEB's stay in log/."""
+    from furnace.methods.presets import script_overrides
+    assert "log_dir=log" in script_overrides("dueb", "full")
+    assert "log_dir=log/u2pl-voc" in script_overrides("u2pl", "voc")
+    assert "log_dir=log/supervised" in script_overrides("supervised", None)
+    exp = voc_exp["exp"]
+    run = exp / "log" / "u2pl-x"
+    (run / "snapshot").mkdir(parents=True)
+    os.link(voc_exp["snap"] / "epoch-3.pth", run / "snapshot" / "epoch-4.pth")
+    res = _run(exp, "--run", "u2pl-x", "-e", "4", "-d", "cpu")
+    assert [Path(r["path"]).name for r in res] == ["epoch-4.pth"]
+    assert res[0]["miou"] == first_run[0][0]["miou"], "the same weights as epoch-3.pth"
+    assert (run / "val_last.log").is_file()

@@ -338,6 +338,10 @@ def build_parser(description: str = "Evaluate checkpoints on the validation list
                    help="also measure how well variance, entropy, 1-max softmax and branch "
                         "disagreement find the wrong pixels (AUROC, AUPR) and the softmax "
                         "calibration (ECE, reliability diagram); runs both branches")
+    p.add_argument("--run", default=None, metavar="METHOD-PRESET",
+                   help="the runs of another method's script: its folder log/METHOD-PRESET "
+                        "(e.g. u2pl-voc for trainu2pl.py in exp_voc); -e, the val logs and "
+                        "saved images then refer to that folder (default: log/, DUEB's)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="checkpoint",
                    help="validation protocol (eval_mode, crop, scales, flip, ...): the one the "
                         "checkpoint's run recorded (default) or this folder's config.py; the "
@@ -441,7 +445,8 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object
     try:
         from furnace.engine.cli import log_legacy_env
         log_legacy_env()
-        C = load_config(exp_dir, args.overrides)
+        run_dir = [] if args.run is None else [f"log_dir={Path('log') / args.run}"]
+        C = load_config(exp_dir, args.overrides, preset=run_dir)
         if args.print_config:
             from furnace.engine.cli import config_lines
             print("\n".join(config_lines(C)))

@@ -79,6 +79,16 @@ DEFAULT_SCRIPT = ("dueb", "full")
 FORMAT1_METHOD = "dueb"
 
 
+def run_folder(method: str, preset: Optional[str]) -> str:
+    """Where a script's runs go, relative to the experiment folder (its ``log_dir``): DUEB's
+    scripts keep the reference's ``log/``; every other method writes ``log/<method>-<preset>``
+    (``log/<method>`` without a preset), so runs of two methods never share a snapshot folder.
+    ``eval.py --run <method>-<preset>`` evaluates them."""
+    if method == "dueb":
+        return "log"
+    return f"log/{method}-{preset}" if preset else f"log/{method}"
+
+
 def script_overrides(method: Optional[str], preset: Optional[str],
                      aleatoric: Optional[bool] = None, energy: Optional[bool] = None,
                      supervised_only: Optional[bool] = None) -> List[str]:
@@ -91,7 +101,7 @@ def script_overrides(method: Optional[str], preset: Optional[str],
         method, preset = DEFAULT_SCRIPT if not supervised_only else ("supervised", None)
     elif method is None:
         method = "dueb"
-    out = [f"method={method}"]
+    out = [f"method={method}", f"log_dir={run_folder(method, preset)}"]
     if preset is not None:
         presets = presets_of(method)
         if preset not in presets:
