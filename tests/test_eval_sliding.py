@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from furnace.eval.evaluator import (SegEvaluator, normalization_lut, resolve_amp,
-                                    sliding_windows)
+from furnace.precision import amp_dtype
+from furnace.eval.evaluator import SegEvaluator, normalization_lut, sliding_windows
 
 GOLDEN_MEAN = (0.485, 0.456, 0.406)
 GOLDEN_STD = (0.229, 0.224, 0.225)
@@ -197,13 +197,14 @@ def test_class_count_mismatch_is_reported(stub_npz):
 
 
 def test_amp_resolution():
-    assert resolve_amp("auto", torch.device("cpu")) is None
-    assert resolve_amp("bf16", torch.device("cpu")) is None
-    assert resolve_amp("auto", torch.device("cuda")) is torch.bfloat16
-    assert resolve_amp("fp16", torch.device("cuda")) is torch.float16
-    assert resolve_amp("off", torch.device("cuda")) is None
+    assert amp_dtype("auto", torch.device("cpu")) is None
+    # one resolver for training and evaluation: an explicit choice holds on every device
+    assert amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert amp_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert amp_dtype("fp16", torch.device("cuda")) is torch.float16
+    assert amp_dtype("off", torch.device("cuda")) is None
     with pytest.raises(ValueError):
-        resolve_amp("fp8", torch.device("cpu"))
+        amp_dtype("fp8", torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- real network

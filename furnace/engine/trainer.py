@@ -30,6 +30,7 @@ from ..data import TrainLoaders, per_process_batch
 from ..data.demo import prepare_from_config
 from ..methods import Method, MethodContext, get_method, method_name
 from ..methods.groups import reference_groups
+from ..precision import amp_dtype
 from . import checkpoint as ckpt_io
 from .dist import (DistInfo, average_gradients, broadcast_module, max_rank_divergence,
                    reduce_mean)
@@ -66,14 +67,6 @@ class TrainingInterrupted(Exception):
         self.signame, self.signum, self.path = signame, signum, path
         saved = f"saved {path}" if path else "no checkpoint written (not rank 0)"
         super().__init__(f"interrupted by {signame} {where}; {saved}; resume with -c last")
-
-
-def amp_dtype(C: Config, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for ``C.amp`` on ``device`` (None: full precision)."""
-    mode = C.amp
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "off"
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 def grad_scaler(device: torch.device, enabled: bool):
@@ -277,7 +270,7 @@ def _setup(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
     cls = get_method(method_name(C))
     niters_full = C.niters_per_epoch
     niters = min(C.debug, niters_full) if C.debug else niters_full
-    amp = amp_dtype(C, device)
+    amp = amp_dtype(C.amp, device)
     groups = reference_groups(C.get("reference_gpus"), C.batch_size, info.world_size,
                               info.rank)
     ctx = MethodContext(device=device, batch_per_process=batch, amp=amp, rank=info.rank,

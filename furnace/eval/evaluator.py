@@ -30,7 +30,6 @@ to the input bilinearly with align_corners=True, as U2PL does; full-size logits 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -39,6 +38,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..precision import amp_dtype, autocast
 
 Window = Tuple[int, int, int, int]
 
@@ -146,19 +147,6 @@ def normalization_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray
     return ((levels.astype(np.float64)[None, :] - mean) / std).astype(np.float32)
 
 
-def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype for ``amp`` ('auto' | 'off' | 'bf16' | 'fp16') on ``device``; None = off.
-
-    'auto' is bf16 on CUDA and off elsewhere; on CPU every choice is off (CPU autocast is slow
-    for convolutions and the reference ran in float32).
-    """
-    if amp not in ("auto", "off", "bf16", "fp16"):
-        raise ValueError(f"amp must be one of auto, off, bf16, fp16; got {amp!r}")
-    if device.type != "cuda" or amp == "off":
-        return None
-    return torch.float16 if amp == "fp16" else torch.bfloat16
-
-
 # ----------------------------------------------------------------------------- evaluator
 
 @dataclass
@@ -246,7 +234,7 @@ class SegEvaluator:
         self.mean_rgb = [float(m) for m in mean]
         self.batch_windows = int(batch_windows)
         self.device = torch.device(device)
-        self.amp_dtype = resolve_amp(amp, self.device)
+        self.amp_dtype = amp_dtype(amp, self.device)
         self.branch = branch if branch is not None else getattr(model, "eval_branch", 1)
         self.uncertainty = bool(uncertainty)
         self.with_var = (bool(with_var) or self.uncertainty) and hasattr(model, "branch1")
@@ -319,9 +307,7 @@ class SegEvaluator:
             x = torch.cat([x, x.flip(-1)], dim=0)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-               else contextlib.nullcontext())
-        with amp:
+        with autocast(self.device.type, self.amp_dtype):
             logits, var, pair = self._net(x)
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"the network returns {logits.shape[1]} classes but num_classes is "

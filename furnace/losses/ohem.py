@@ -2,8 +2,9 @@
 
 Also home of the small pixel-CE machinery shared by the other loss modules:
 
-* ``compute_dtype`` / ``upcast``: losses compute in float32 at least (bf16/fp16 logits are
-  upcast), float64 stays float64 so golden tests can run at full precision.
+* ``compute_dtype`` / ``upcast`` (furnace.precision): losses compute in float32 at least
+  (bf16/fp16 logits are upcast), float64 stays float64 so golden tests can run at full
+  precision.
 * ``check_labels``: one clear ``ValueError`` for labels outside ``[0, C) U {ignore_index}``.
 * ``softmax_stats`` + ``weighted_nll``: a per-pixel CE ``sum_i a_i * (-log p_{y_i})`` whose
   backward is ``a_i * (softmax - onehot)``.  It keeps one ``[B,C,H,W]`` buffer (the unnormalised
@@ -17,6 +18,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+
+from ..precision import upcast  # noqa: F401  (the losses' import path)
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +38,6 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in :func:`compute_dtype` (no copy when it already is)."""
-    return t.to(compute_dtype(t))
 
 
 def check_labels(target: torch.Tensor, num_classes: int, ignore_index: int, who: str,

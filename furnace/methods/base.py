@@ -31,6 +31,7 @@ from torch import nn
 
 from ..data.loader import DUEB_STREAMS, StreamSpec
 from ..engine.lr import PolyLR
+from ..precision import upcast  # noqa: F401  (the methods' import path)
 from .groups import ReferenceGroups
 
 #: The streams a method may name instead of declaring its own (DUEB's), each a dict of device
@@ -65,12 +66,6 @@ class MethodContext:
     niters_per_epoch: int = 1
     groups: ReferenceGroups = field(default_factory=ReferenceGroups)
     prepare: Callable[[nn.Module], nn.Module] = field(default=_identity)
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision outputs (bf16/fp16 under autocast) to float32 for the losses; float32
-    and float64 pass unchanged, so the losses run in the model's own precision."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class Method:

@@ -15,7 +15,6 @@ Presets: ``full`` (train.py), ``aleatoric`` (trainal.py), ``energy`` (traine.py)
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from ..config import Config
 from ..losses import AleatoricLoss, energy_term, pseudo_labels, unsup_ce
 from ..models import network_from_config
-from .base import STREAMS, Method, MethodContext, upcast
+from ..precision import autocast, upcast
+from .base import STREAMS, Method, MethodContext
 from .common import IGNORE, make_sgd, sup_criterion
 from .presets import BUILTIN_PRESETS
 from .registry import register
@@ -67,15 +67,10 @@ class DUEBStep:
                                            learn_variance=self.al.learn_variance,
                                            per_pixel=self.al.per_pixel)
 
-    def _autocast(self, device: torch.device):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.amp)
-
     def forward(self, step: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Logits [B,C,H,W] and var [B,1,H,W] of branch ``step``; half precision (AMP) is
         upcast to float32 for the losses, float32 and float64 stay as they are."""
-        with self._autocast(x.device):
+        with autocast(x.device.type, self.amp):
             _, logits, var = self.model(x, step=step)
         return upcast(logits), upcast(var)
 

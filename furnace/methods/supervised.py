@@ -6,7 +6,6 @@ selects this method.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -15,7 +14,8 @@ from torch import nn
 from ..config import Config
 from ..models import SingleNetwork
 from ..models.network import norm_from_config
-from .base import Method, MethodContext, upcast
+from ..precision import autocast, upcast
+from .base import Method, MethodContext
 from .common import make_sgd, sup_criterion
 from .registry import register
 
@@ -68,9 +68,7 @@ class Supervised(Method):
 
     def train_step(self, batches, *, iteration, epoch, backward):
         (lab,) = batches
-        ctx = (torch.autocast(lab["data"].device.type, dtype=self.ctx.amp)
-               if self.ctx.amp is not None else contextlib.nullcontext())
-        with ctx:
+        with autocast(lab["data"].device.type, self.ctx.amp):
             _, logits, var = self.net(lab["data"], step=1)
         logits = upcast(logits)
         loss = self.criterion(logits, lab["label"])

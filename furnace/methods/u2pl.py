@@ -26,9 +26,8 @@ head, trained on the labelled data only.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, Mapping
 
 import numpy as np
 import torch
@@ -42,7 +41,8 @@ from ..losses.contrastive import (MemoryBank, contrastive_from_masks, contrastiv
 from ..losses.reliability import (entropy, entropy_masks, keep_percent,
                                   reliable_pseudo_label_loss, unreliable_percent)
 from ..models import u2pl_network_from_config
-from .base import Method, MethodContext, upcast
+from ..precision import autocast, upcast
+from .base import Method, MethodContext
 from .groups import ReferenceGroups
 from .presets import BUILTIN_PRESETS
 from .registry import register
@@ -124,9 +124,7 @@ class SupervisedLoss:
 def _raw(net, x: torch.Tensor, amp) -> Dict[str, torch.Tensor]:
     """The network's raw outputs (stride-4 ``pred``, ``rep``, ``aux``) under autocast ``amp``
     (None: full precision), half precision upcast to float32 for the losses."""
-    cast = (torch.autocast(x.device.type, dtype=amp) if amp is not None
-            else contextlib.nullcontext())
-    with cast:
+    with autocast(x.device.type, amp):
         out = net(x, raw=True)
     return {k: upcast(v) for k, v in out.items()}
 
