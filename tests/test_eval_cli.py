@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from furnace.config import load_config
+from furnace.data import build_eval_dataset
 from furnace.engine.checkpoint import atomic_save
 from furnace.eval import cli, loop
-from furnace.eval.cli import EvalError, link_file, parse_devices, shard_indices
+from furnace.eval.cli import EvalError, link_file
+from furnace.eval.runner import parse_devices, shard_indices
 from furnace.eval.visualize import BAR_WIDTH, colorize, get_palette, make_composite
 
 IDS = ["2007_000001", "2007_000002", "2007_000003"]
@@ -345,3 +347,22 @@ def test_run_folders_per_method_and_eval_run(voc_exp, first_run, tmp_path):
     assert [Path(r["path"]).name for r in res] == ["epoch-4.pth"]
     assert res[0]["miou"] == first_run[0][0]["miou"], "the same weights as epoch-3.pth"
     assert (run / "val_last.log").is_file()
+
+
+def test_prediction_needs_no_labels(voc_exp):
+    """loop.predict_indices serves unlabelled lists (pseudo-label export); scoring them is
+    the one-line error of evaluate_indices."""
+    C = load_config(voc_exp["exp"], env={})
+    ds = build_eval_dataset(C)
+    items = [dict(ds[i]) for i in range(len(ds))]
+    for item in items:
+        item.pop("label")
+    torch.manual_seed(0)
+    model = TinyDual(21)
+    got = list(loop.predict_indices(model, C, items, range(len(items)), "cpu"))
+    assert [item["fn"] for item, _, _ in got] == [it["fn"] for it in items]
+    assert [tuple(p.pred.shape) for _, p, _ in got] == [s for s in SIZES]
+    labelled = list(loop.predict_indices(model, C, ds, range(len(ds)), "cpu"))
+    assert all(torch.equal(a.pred, b.pred) for (_, a, _), (_, b, _) in zip(got, labelled))
+    with pytest.raises(EvalError, match="has no label"):
+        loop.evaluate_indices(model, C, items, range(len(items)), "cpu")

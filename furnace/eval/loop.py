@@ -1,5 +1,6 @@
-"""The evaluation loop of one process: a network over (a shard of) the eval list, and the
-validation a training run calls (below the engine: no checkpoints, no logs, no CLI).
+"""The evaluation loop of one process: prediction over (a shard of) a list, which needs no
+labels, and its scoring against them; and the validation a training run calls (below the
+engine: no checkpoints, no logs, no CLI).
 
 ``furnace.eval.cli`` builds on it (checkpoints, devices, logs); the training engine calls
 :func:`evaluate_model` with :func:`validation_config`.
@@ -8,14 +9,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from furnace.data import build_eval_dataset
 
-from .evaluator import SegEvaluator
+from .evaluator import Prediction, SegEvaluator
 from .metrics import ConfusionMatrix, compute_metrics
 from .uncertainty import UncertaintyMeter, format_uncertainty
 from .visualize import get_palette, make_composite, safe_name, save_rgb
@@ -40,32 +41,47 @@ def validation_config(C):
     return C
 
 
-def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int], device: str,
-                     save_dir: Optional[Path] = None,
-                     on_image: Optional[Callable[[torch.Tensor], None]] = None,
-                     channels_last: bool = True,
-                     uncertainty: Optional[UncertaintyMeter] = None) -> np.ndarray:
-    """Evaluate ``dataset[i]`` for i in ``indices`` on ``device``; returns the hist [C, C].
-
-    ``save_dir``: write composites there. ``on_image(hist_of_image)`` is called after each
-    image (the per-image histogram stays on the device). ``channels_last`` converts the
-    model in place (faster convolutions). ``uncertainty``: a meter (on ``device``) that
-    every image is added to (both branches then run).
-    """
+def predict_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int], device: str,
+                    channels_last: bool = True, with_var: bool = False,
+                    uncertainty: bool = False) -> Iterator[Tuple[dict, Prediction,
+                                                                 SegEvaluator]]:
+    """Predict ``dataset[i]`` for i in ``indices`` on ``device``; no label is needed (an
+    export of pseudo labels predicts unlabelled images). Yields ``(item, prediction,
+    evaluator)`` per image: the dataset's item (``data`` H x W x 3, ``fn``, ``label`` when
+    the list has one), the :class:`~furnace.eval.evaluator.Prediction` and the evaluator
+    (its ``eval_label`` / ``eval_image`` give the scored frame). ``channels_last`` converts
+    the model in place (faster convolutions)."""
     dev = torch.device(device)
     model.to(dev).eval()
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    evaluator = SegEvaluator.from_config(model, C, device=dev, with_var=save_dir is not None,
-                                         channels_last=channels_last,
-                                         uncertainty=uncertainty is not None)
-    cm = ConfusionMatrix(C.num_classes, dev)
-    palette = get_palette(C.dataset, C.num_classes) if save_dir is not None else None
+    evaluator = SegEvaluator.from_config(model, C, device=dev, with_var=with_var,
+                                         channels_last=channels_last, uncertainty=uncertainty)
     workers = int(C.get("num_workers", 0)) if dev.type == "cuda" else 0
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)),
                                          batch_size=None, collate_fn=_identity,
                                          num_workers=workers)
     for item in loader:
+        yield item, evaluator.predict(item["data"]), evaluator
+
+
+def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int], device: str,
+                     save_dir: Optional[Path] = None,
+                     on_image: Optional[Callable[[torch.Tensor], None]] = None,
+                     channels_last: bool = True,
+                     uncertainty: Optional[UncertaintyMeter] = None) -> np.ndarray:
+    """Score :func:`predict_indices` against the labels; returns the hist [C, C].
+
+    ``save_dir``: write composites there. ``on_image(hist_of_image)`` is called after each
+    image (the per-image histogram stays on the device). ``uncertainty``: a meter (on
+    ``device``) that every image is added to (both branches then run).
+    """
+    dev = torch.device(device)
+    cm = ConfusionMatrix(C.num_classes, dev)
+    palette = get_palette(C.dataset, C.num_classes) if save_dir is not None else None
+    for item, out, evaluator in predict_indices(model, C, dataset, indices, device,
+                                                channels_last, save_dir is not None,
+                                                uncertainty is not None):
         image, label = item["data"], item.get("label")
         if label is None:
             raise EvalError(f"sample {item.get('fn')} of {C.eval_source} has no label; "
@@ -73,7 +89,6 @@ def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int],
         if tuple(label.shape) != tuple(image.shape[:2]):
             raise EvalError(f"sample {item.get('fn')}: image {image.shape[:2]} and label "
                             f"{label.shape} differ in size")
-        out = evaluator.predict(image)
         # eval_mode 'center_pad' scores a padded crop: the ground truth follows it
         label_t = evaluator.eval_label(torch.from_numpy(np.asarray(label)).to(dev))
         hist = cm.update(out.pred, label_t)
