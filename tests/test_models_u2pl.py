@@ -116,7 +116,7 @@ def test_u2pl_dilation_pattern_and_ceil_mode():
         net = U2PLNetwork(21)
         r18 = _small().encoder
     enc = net.encoder
-    assert enc.layout == "u2pl" and enc.output_stride == 8
+    assert enc.output_stride == 8
     assert _dilations(enc.layer3) == [1] + [2] * 22
     assert [b.conv2.padding[0] for b in enc.layer3] == [1] + [2] * 22
     assert enc.layer3[0].conv2.stride == (1, 1) and enc.layer3[0].downsample[0].stride == (1, 1)
@@ -130,26 +130,33 @@ def test_u2pl_dilation_pattern_and_ceil_mode():
         assert _dilations(r18.layer4, attr) == [4, 8]
 
 
+# U2PL's backbone convention as construction flags
+U2PL_FLAGS = dict(dilate_first_block=False, ceil_pool=True)
+FLAGS = {"dueb": {}, "u2pl": U2PL_FLAGS}
+
+
 def test_default_layout_unchanged():
     with torch.device("meta"):
         dueb = resnet101(output_stride=8)
-        os16 = [resnet50(output_stride=16, layout=lay) for lay in ("dueb", "u2pl")]
-        u2pl = resnet101(output_stride=8, layout="u2pl")
-    assert dueb.layout == "dueb" and dueb.maxpool.ceil_mode is False
+        os16 = [resnet50(output_stride=16, **FLAGS[lay]) for lay in ("dueb", "u2pl")]
+        u2pl = resnet101(output_stride=8, **U2PL_FLAGS)
+    assert dueb.maxpool.ceil_mode is False
     assert _dilations(dueb.layer3) == [2] * 23 and _dilations(dueb.layer4) == [4, 8, 16]
     # at output stride 16 the two conventions give the same dilations
     assert _dilations(os16[0].layer4) == _dilations(os16[1].layer4) == [2, 4, 8]
     # same module tree, hence the same state_dict keys and shapes (one weights file for both)
     assert {k: v.shape for k, v in dueb.state_dict().items()} == \
         {k: v.shape for k, v in u2pl.state_dict().items()}
-    with pytest.raises(ValueError, match="layout must be one of 'dueb', 'u2pl'"):
-        resnet18(layout="torchvision")
+    # in_chans: a stem for more than an RGB image (ELN reads image, logits and entropy)
+    wide = resnet18(in_chans=7, stem="classic")
+    assert wide.conv1.in_channels == 7 and resnet18(in_chans=7).conv1[0].in_channels == 7
+    assert wide(torch.randn(1, 7, 32, 32))[-1].shape[1] == 512
 
 
 @pytest.mark.parametrize("size, low, high", [(513, 129, 65), (512, 129, 65), (769, 193, 97)])
 def test_u2pl_feature_sizes_spec_2_1(size, low, high):
     with torch.device("meta"), torch.no_grad():
-        enc = resnet101(output_stride=8, layout="u2pl").eval()
+        enc = resnet101(output_stride=8, **U2PL_FLAGS).eval()
         feats = enc(torch.randn(1, 3, size, size))
     assert [tuple(f.shape[1:]) for f in feats] == [
         (256, low, low), (512, high, high), (1024, high, high), (2048, high, high)]
@@ -161,7 +168,7 @@ def test_ceil_mode_on_real_compute():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
-        sizes = {lay: [f.shape[-1] for f in resnet18(output_stride=8, layout=lay).eval()(x)]
+        sizes = {lay: [f.shape[-1] for f in resnet18(output_stride=8, **FLAGS[lay]).eval()(x)]
                  for lay in ("dueb", "u2pl")}
     assert sizes == {"dueb": [32, 16, 16, 16], "u2pl": [33, 17, 17, 17]}
 
@@ -289,7 +296,7 @@ def test_from_config():
     assert isinstance(net, U2PLNetwork) and net.num_classes == 4 and net.aux is None
     assert net.decoder.low_conv[0].out_channels == 64
     assert net.decoder.representation[-1].out_channels == 32
-    assert net.encoder.layout == "u2pl" and net.encoder.maxpool.ceil_mode
+    assert net.encoder.maxpool.ceil_mode and _dilations(net.encoder.layer3)[:2] == [1, 2]
 
     cfg = _config(rep_head=False, aux_weight=0.4)
     cfg.bn_momentum = 0.01

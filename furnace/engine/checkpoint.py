@@ -271,23 +271,6 @@ def model_state(ckpt: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def describe_state(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """Infer backbone name and class count from a dual-branch (``branch1.*``) or U2PL
-    (``encoder.*``, ``decoder.classifier.*``) state dict (None if unknown)."""
-    cls = state.get("branch1.classifier.weight")
-    if cls is None and "decoder.classifier.8.weight" in state:   # U2PL's last 1x1 conv
-        cls = state["decoder.classifier.8.weight"]
-    num_classes = int(cls.shape[0]) if cls is not None else None
-    prefix = "branch1.backbone" if any(k.startswith("branch1.") for k in state) else "encoder"
-    blocks = {int(m.group(1)) for k in state
-              for m in [re.match(re.escape(prefix) + r"\.layer3\.(\d+)\.", k)] if m}
-    bottleneck = f"{prefix}.layer1.0.conv3.weight" in state
-    n = len(blocks)
-    names = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50",
-             (23, True): "resnet101"}
-    return {"num_classes": num_classes, "backbone": names.get((n, bottleneck))}
-
-
 def load_model_weights(model: torch.nn.Module, path: os.PathLike,
                        ckpt: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Load the ``model`` weights of a checkpoint (ours or the reference's) into ``model``.
@@ -300,9 +283,13 @@ def load_model_weights(model: torch.nn.Module, path: os.PathLike,
         ckpt = load_file(path)
     state = model_state(ckpt)
     target = model.state_dict()
-    have, want = describe_state(state), describe_state(target)
+    # the network's own key map (``describe_state`` beside its definition) names what a
+    # checkpoint of its family was trained with
+    describe = getattr(type(model), "describe_state", None)
+    have, want = (describe(state), describe(target)) if describe else ({}, {})
     for what in ("backbone", "num_classes"):
-        if have[what] is not None and want[what] is not None and have[what] != want[what]:
+        if have.get(what) is not None and want.get(what) is not None \
+                and have[what] != want[what]:
             raise CheckpointError(
                 f"checkpoint {path} was trained with {what}={have[what]} but the config has "
                 f"{what}={want[what]}; set `{what}` in config.py (or --set {what}=...) to match "

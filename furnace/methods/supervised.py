@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import Config
 from ..models import SingleNetwork
-from ..models.network import norm_from_config
+from ..models.network import branch_state_facts, norm_from_config
 from ..precision import autocast, upcast
 from .base import Method, MethodContext
 from .common import make_sgd, sup_criterion
@@ -28,6 +28,7 @@ class OneBranchNetwork(nn.Module):
     """
 
     eval_branch = 1
+    describe_state = staticmethod(branch_state_facts)
 
     def __init__(self, branch: SingleNetwork):
         super().__init__()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .deeplab import Head, init_weights
-from .resnet import RESNET_SPECS, ResNet
+from .resnet import RESNET_SPECS, ResNet, resnet_name
 from .weights import load_backbone_weights
 
 __all__ = ["SingleNetwork", "DualBranchNetwork", "build_network", "BACKBONES"]
@@ -126,6 +126,15 @@ class SingleNetwork(nn.Module):
         return feature, logits, var
 
 
+def branch_state_facts(state) -> dict:
+    """Backbone name and class count of a state dict with DUEB's branch keys
+    (``branch1.backbone.*``, ``branch1.classifier.weight``; None where absent): what a
+    checkpoint of this family was trained with, for the load error."""
+    cls = state.get("branch1.classifier.weight")
+    return {"backbone": resnet_name(state, "branch1.backbone"),
+            "num_classes": int(cls.shape[0]) if cls is not None else None}
+
+
 class DualBranchNetwork(nn.Module):
     """Two independent :class:`SingleNetwork` branches (``branch1``, ``branch2``).
 
@@ -134,6 +143,8 @@ class DualBranchNetwork(nn.Module):
     * ``model(x)`` in eval mode returns the logits [B,C,H,W] of ``eval_branch``: 1 (reference),
       2, or ``'mean'`` (average of both branches' logits). Only the needed branches run.
     """
+
+    describe_state = staticmethod(branch_state_facts)
 
     def __init__(self, branch1: SingleNetwork, branch2: SingleNetwork,
                  eval_branch: Union[int, str] = 1) -> None:

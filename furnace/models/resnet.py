@@ -23,19 +23,23 @@ Output stride (the ratio input size / layer4 size):
 In a BasicBlock (ResNet-18/34) both 3x3 convs of a block get that block's dilation, which is what
 the reference's dilation surgery does to every 3x3 conv of a block.
 
-``layout`` selects between two conventions that share every parameter and state_dict key:
+Two construction flags choose between conventions that share every parameter and state_dict
+key (the defaults are DUEB's; U2PL's backbone, torchvision's ``replace_stride_with_dilation``
+convention, sets both the other way):
 
-* ``'dueb'`` (default): as above; the stem max-pool floors (``ceil_mode=False``).
-* ``'u2pl'`` (the U2PL backbone, torchvision's ``replace_stride_with_dilation`` convention):
-  the first block of a newly dilated stage keeps the previous stage's dilation, so at output
-  stride 8 layer3's block 0 uses dilation 1 and its other blocks 2 (layer4 is 4, 8, 16 in
-  both layouts, and at output stride 16 the dilations of both layouts agree); and the stem
-  max-pool uses ``ceil_mode=True``, so an even input such as 512 gives 129 at stride 4 (as 513
-  does) instead of 128.
+* ``dilate_first_block`` (True): block 0 of a newly dilated stage takes the stage's dilation.
+  False keeps the previous stage's, so at output stride 8 layer3's block 0 uses dilation 1 and
+  its other blocks 2 (layer4 is 4, 8, 16 either way, and at output stride 16 both agree).
+* ``ceil_pool`` (False): the stem max-pool floors; True rounds up (``ceil_mode``), so an even
+  input such as 512 gives 129 at stride 4 (as 513 does) instead of 128.
+
+``in_chans`` (3) is the number of input channels of the stem's first convolution (ELN's
+error-localisation network reads image, logits and entropy together).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Type, Union
+import re
+from typing import Callable, List, Mapping, Optional, Sequence, Type, Union
 
 import torch
 from torch import nn
@@ -49,7 +53,7 @@ __all__ = [
     "resnet50",
     "resnet101",
     "RESNET_SPECS",
-    "LAYOUTS",
+    "resnet_name",
 ]
 
 NormLayer = Callable[[int], nn.Module]
@@ -57,8 +61,6 @@ NormLayer = Callable[[int], nn.Module]
 # Dilation of each block's 3x3 convs in layer4, relative to the dilation of the stage before it.
 MULTI_GRID = (1, 2, 4)
 
-# Backbone conventions selectable with ResNet(layout=...); see the module docstring.
-LAYOUTS = ("dueb", "u2pl")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -123,7 +125,7 @@ class Bottleneck(nn.Module):
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
 
-def _stage_plan(output_stride: int, layout: str = "dueb") -> List[tuple]:
+def _stage_plan(output_stride: int, dilate_first_block: bool = True) -> List[tuple]:
     """(stride, per-block dilation rule) for layer1..layer4 at the given output stride.
 
     The rule is a function ``block_index -> dilation``.
@@ -131,7 +133,7 @@ def _stage_plan(output_stride: int, layout: str = "dueb") -> List[tuple]:
     def plain(_i: int) -> int:
         return 1
 
-    if output_stride == 8 and layout == "u2pl":
+    if output_stride == 8 and not dilate_first_block:
         # torchvision convention: block 0 of the newly dilated layer3 still sees the stride-8
         # grid's previous dilation (1); only the blocks after it are dilated by 2.
         return [(1, plain), (2, plain), (1, lambda i: 1 if i == 0 else 2),
@@ -158,8 +160,9 @@ class ResNet(nn.Module):
         output_stride: 8, 16 (reference) or 32; see the module docstring.
         norm_layer: called as ``norm_layer(num_channels)``; default ``nn.BatchNorm2d``
             (eps 1e-5, momentum 0.1, as in the reference).
-        layout: ``'dueb'`` (default) or ``'u2pl'`` (layer3 block 0 undilated at output
-            stride 8, stem max-pool with ``ceil_mode=True``); see the module docstring.
+        dilate_first_block: False leaves layer3's block 0 undilated at output stride 8.
+        ceil_pool: the stem max-pool rounds up (``ceil_mode=True``).
+        in_chans: input channels of the stem's first convolution.
 
     Attributes:
         out_channels: channels of the four stage outputs, e.g. ``[256, 512, 1024, 2048]``.
@@ -168,23 +171,20 @@ class ResNet(nn.Module):
 
     def __init__(self, block: Block, layers: Sequence[int], *, stem: str = "deep",
                  output_stride: int = 16, norm_layer: NormLayer = nn.BatchNorm2d,
-                 stem_width: int = 64, layout: str = "dueb") -> None:
+                 stem_width: int = 64, dilate_first_block: bool = True,
+                 ceil_pool: bool = False, in_chans: int = 3) -> None:
         super().__init__()
         if stem not in ("deep", "classic"):
             raise ValueError(f"stem must be 'deep' or 'classic', got {stem!r}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, "
-                             f"got {layout!r}")
         if len(layers) != 4:
             raise ValueError(f"layers must list 4 stage depths, got {list(layers)}")
-        plan = _stage_plan(output_stride, layout)
+        plan = _stage_plan(output_stride, dilate_first_block)
         self.stem = stem
         self.output_stride = output_stride
-        self.layout = layout
 
         if stem == "deep":
             self.conv1 = nn.Sequential(
-                nn.Conv2d(3, stem_width, 3, stride=2, padding=1, bias=False),
+                nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False),
                 norm_layer(stem_width),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(stem_width, stem_width, 3, stride=1, padding=1, bias=False),
@@ -194,14 +194,13 @@ class ResNet(nn.Module):
             )
             self.inplanes = 2 * stem_width
         else:
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
             self.inplanes = 64
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         # ceil_mode only matters for an even-sized stem output (e.g. 256 from a 512 input, pooled
         # to 129 instead of 128); U2PL rounds up so that 512 and 513 crops share one grid.
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1,
-                                    ceil_mode=(layout == "u2pl"))
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=ceil_pool)
 
         self.layer1 = self._make_layer(block, 64, layers[0], *plan[0], norm_layer)
         self.layer2 = self._make_layer(block, 128, layers[1], *plan[1], norm_layer)
@@ -227,7 +226,7 @@ class ResNet(nn.Module):
         """x [B,3,H,W] -> [layer1 (stride 4), layer2 (8), layer3 (16 or 8), layer4 (OS)].
 
         Entry i is [B, out_channels[i], ceil(H/s_i), ceil(W/s_i)] with s_i its stride in pixels
-        (layout 'dueb'). Layout 'u2pl' rounds the stem pool up: layer1 has side
+        (``ceil_pool=False``). ``ceil_pool=True`` rounds the stem pool up: layer1 has side
         floor(ceil(H/2) / 2) + 1 (513 -> 129, 512 -> 129, 769 -> 193), and each stride-2
         stage after it maps n to ceil(n/2) (129 -> 65, 193 -> 97).
         """
@@ -246,6 +245,18 @@ RESNET_SPECS = {
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
     "resnet101": (Bottleneck, (3, 4, 23, 3)),
 }
+
+
+def resnet_name(state: Mapping[str, torch.Tensor], prefix: str) -> Optional[str]:
+    """The RESNET_SPECS name of the ResNet whose keys start with ``prefix.`` in ``state``
+    (layer3's block count and the block type), or None when unknown."""
+    blocks = {int(m.group(1)) for k in state
+              for m in [re.match(re.escape(prefix) + r"\.layer3\.(\d+)\.", k)] if m}
+    bottleneck = f"{prefix}.layer1.0.conv3.weight" in state
+    for name, (block, layers) in RESNET_SPECS.items():
+        if (layers[2], block is Bottleneck) == (len(blocks), bottleneck):
+            return name
+    return None
 
 
 def _build(name: str, **kwargs) -> ResNet:

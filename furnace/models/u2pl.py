@@ -1,4 +1,4 @@
-"""The U2PL network: ResNet (U2PL layout, output stride 8) + U2PL's DeepLabv3+ decoder.
+"""The U2PL network: ResNet (U2PL's dilation and stem pool, output stride 8) + U2PL's DeepLabv3+ decoder.
 
 Spec: ``shared/methods/U2PL.md`` sections 2.1-2.4. This decoder is *not* the framework's
 DeepLabv3+ head (:mod:`furnace.models.deeplab`): its ASPP has no 1x1 projection after the
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .network import norm_from_config
-from .resnet import RESNET_SPECS, ResNet
+from .resnet import RESNET_SPECS, ResNet, resnet_name
 from .weights import load_backbone_weights
 
 __all__ = ["U2PLASPP", "U2PLDecoder", "U2PLNetwork", "u2pl_network_from_config",
@@ -151,8 +151,9 @@ def aux_head(in_channels: int, num_classes: int, norm_layer=nn.BatchNorm2d) -> n
 
 
 class U2PLNetwork(nn.Module):
-    """U2PL segmentation network: ``encoder`` (ResNet, layout 'u2pl', output stride 8),
-    ``decoder`` (:class:`U2PLDecoder`) and, if ``aux``, ``aux`` (:func:`aux_head` on layer3).
+    """U2PL segmentation network: ``encoder`` (ResNet with ``dilate_first_block=False`` and
+    ``ceil_pool=True``, output stride 8), ``decoder`` (:class:`U2PLDecoder`) and, if ``aux``,
+    ``aux`` (:func:`aux_head` on layer3).
 
     Args:
         num_classes: C (>= 2).
@@ -179,6 +180,14 @@ class U2PLNetwork(nn.Module):
       (what the evaluator calls in eval mode); the representation and aux heads are skipped.
     """
 
+    @staticmethod
+    def describe_state(state) -> dict:
+        """Backbone name and class count of a U2PL state dict (``encoder.*``, the last 1x1
+        conv ``decoder.classifier.8``; None where absent), for the load error."""
+        cls = state.get("decoder.classifier.8.weight")
+        return {"backbone": resnet_name(state, "encoder"),
+                "num_classes": int(cls.shape[0]) if cls is not None else None}
+
     def __init__(self, num_classes: int, backbone: str = "resnet101", *, stem: str = "deep",
                  norm_layer=nn.BatchNorm2d, inner_planes: int = 256,
                  dilations: Sequence[int] = (12, 24, 36), rep_head: bool = True,
@@ -197,8 +206,9 @@ class U2PLNetwork(nn.Module):
         self.backbone_name = backbone
 
         block, layers = RESNET_SPECS[backbone]
+        # torchvision's dilation convention and a ceil-mode stem pool (U2PL's backbone)
         self.encoder = ResNet(block, layers, stem=stem, output_stride=8, norm_layer=norm_layer,
-                              layout="u2pl")
+                              dilate_first_block=False, ceil_pool=True)
         if pretrained is not None and str(pretrained) != "":
             load_backbone_weights(self.encoder, pretrained, strict=pretrained_strict)
 
