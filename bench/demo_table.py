@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from furnace.config import load_config  # noqa: E402
-from furnace.engine.cli import script_preset  # noqa: E402
+from furnace.methods.presets import script_overrides  # noqa: E402
 from furnace.engine.dist import DistInfo, parse_device  # noqa: E402
 from furnace.engine.trainer import train  # noqa: E402
 from furnace.eval.cli import run as evaluate  # noqa: E402
@@ -64,7 +64,7 @@ def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) ->
     C = load_config(ROOT / "exp_demo",
                     [f"labeled_ratio={ratio}", f"seed={seed}", f"log_dir={tmp / method}_{seed}",
                      "snapshot_keep=1", "tb_images_every=0", "eval_every=0", *extra, *overrides],
-                    env={}, preset=script_preset(name, preset, None, None, None))
+                    env={}, preset=script_overrides(name, preset))
     t0 = time.time()
     train(C, DistInfo(device=device))
     wall = time.time() - t0

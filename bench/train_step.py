@@ -47,7 +47,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from furnace.config import load_config  # noqa: E402
-from furnace.engine.trainer import DUEBStep, make_optimizer  # noqa: E402
+from furnace.methods.dueb import DUEBStep, make_optimizer  # noqa: E402
 from furnace.methods import MethodContext  # noqa: E402
 from furnace.methods.u2pl import U2PL  # noqa: E402
 from furnace.models import build_network  # noqa: E402

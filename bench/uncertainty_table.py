@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from furnace.config import load_config  # noqa: E402
 from furnace.data.demo import ensure_demo_data  # noqa: E402
-from furnace.engine.cli import script_preset  # noqa: E402
+from furnace.methods.presets import script_overrides  # noqa: E402
 from furnace.engine.dist import DistInfo, parse_device  # noqa: E402
 from furnace.engine.trainer import train  # noqa: E402
 from furnace.eval.cli import run as evaluate  # noqa: E402
@@ -69,7 +69,7 @@ def _config(args, seed, learn, log_dir):
                        [*ratio, f"seed={seed}", f"log_dir={log_dir}", "snapshot_keep=1",
                         "tb_images_every=0", "eval_every=0", f"aleatoric.learn_variance={learn}",
                         *args.overrides],
-                       env={}, preset=script_preset(METHOD, PRESET, None, None, None))
+                       env={}, preset=script_overrides(METHOD, PRESET))
 
 
 def run_one(args, device, seed, learn, tmp) -> dict:

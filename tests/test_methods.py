@@ -275,7 +275,7 @@ def test_nan_stop_is_recorded_in_the_log(voc_root, tmp_path):
 
 def test_precision_follows_the_model():
     """float64 models keep float64 losses (no float32 round trip); float32 stays float32."""
-    from furnace.engine.trainer import DUEBStep
+    from furnace.methods.dueb import DUEBStep
     from furnace.models import network_from_config
     C = load_config(ROOT / "exp_voc", ["backbone=resnet18", "pretrained_model=none",
                                        "aleatoric.samples=2"], env={})

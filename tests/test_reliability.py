@@ -42,7 +42,7 @@ def _one_error_line(capsys):
 def _train_main(exp, argv):
     from furnace.engine.cli import train_main
     with pytest.raises(SystemExit) as e:
-        train_main(str(exp), aleatoric=True, energy=True, argv=argv)
+        train_main(str(exp), method="dueb", preset="full", argv=argv)
     assert e.value.code == 2
 
 
@@ -241,7 +241,7 @@ def test_duplicates_and_overlap_warn_once(voc_root, tmp_path, caplog):
 
 
 def test_batch_without_labelled_pixels_adds_zero_supervised_loss():
-    from furnace.engine.trainer import DUEBStep
+    from furnace.methods.dueb import DUEBStep
     from furnace.models import network_from_config
     C = load_config(ROOT / "exp_voc", TINY, env={})
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from conftest import ROOT
 from helpers import make_city, make_voc, run_script
 from furnace.config import load_config
 from furnace.engine import checkpoint as ck
-from furnace.engine.trainer import DUEBStep
+from furnace.methods.dueb import DUEBStep
 from furnace.models import network_from_config
 from furnace.losses import AleatoricLoss, energy_term, pseudo_labels, unsup_ce
 

@@ -221,14 +221,14 @@ def test_one_process_two_groups_equals_two_processes_one_group(tmp_path, mode):
 def test_cityscapes_preset_validates_on_the_central_crop_during_training():
     from conftest import ROOT
     from furnace.config import load_config
-    from furnace.engine.cli import script_preset
+    from furnace.methods.presets import script_overrides
     from furnace.eval.loop import validation_config
-    C = load_config(ROOT / "exp_city", preset=script_preset("u2pl", "city", None, None, None),
+    C = load_config(ROOT / "exp_city", preset=script_overrides("u2pl", "city"),
                     env={})
     assert (C.reference_gpus, C.batch_size, C.amp) == (8, 16, "off")
     assert C.eval_mode == "slide" and validation_config(C).eval_mode == "center_pad"
     assert validation_config(C).eval_crop_size == 769
-    V = load_config(ROOT / "exp_voc", preset=script_preset("u2pl", "voc", None, None, None),
+    V = load_config(ROOT / "exp_voc", preset=script_overrides("u2pl", "voc"),
                     env={})
     assert V.reference_gpus == 4 and validation_config(V) is V
 

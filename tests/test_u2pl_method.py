@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 from helpers import free_port, make_voc, run_script
 from furnace.config import base_config, load_config
-from furnace.engine.cli import script_preset
+from furnace.methods.presets import script_overrides
 from furnace.eval.loop import evaluate_model
 from furnace.engine import checkpoint as ck
 from furnace.methods import MethodContext
@@ -125,7 +125,7 @@ def test_tiny_run_resumes_bit_identically_and_evaluates(voc_root, tmp_path, monk
     # eval.py evaluates the teacher (the file's eval_key): the same number as the teacher
     # weights evaluated here through the same path (channels_last as eval.py)
     C = load_config(ROOT / "exp_voc", overrides(voc_root, straight)[3:],
-                    preset=script_preset("u2pl", "voc", None, None, None))
+                    preset=script_overrides("u2pl", "voc"))
     last = ck.load_file(straight / "log" / "snapshot" / "epoch-last.pth")
     assert any(not torch.equal(last["model"][k], last["teacher"][k]) for k in last["model"])
     net = U2PL.build_eval_model(C)
@@ -137,7 +137,7 @@ def test_tiny_run_resumes_bit_identically_and_evaluates(voc_root, tmp_path, monk
                       + ["eval_mode=whole"])
     C_whole = load_config(ROOT / "exp_voc", overrides(voc_root, straight)[3:]
                           + ["eval_mode=whole"],
-                          preset=script_preset("u2pl", "voc", None, None, None))
+                          preset=script_overrides("u2pl", "voc"))
     whole = evaluate_model(net, C_whole, "cpu", channels_last=True)
     assert plain[0]["miou"] == pytest.approx(whole["miou"], abs=1e-12)
 

@@ -6,9 +6,8 @@ from .datasets import (DataError, SegmentationDataset, VOCDataset, CityscapesDat
                        check_label_values, resolve_source, voc_folder_for_list, canonical_layout)
 from .transforms import TrainTransform, IGNORE_INDEX, normalize
 from .cutmix import BoxMaskGenerator, MaskCollate, mask_generator_from_config, seg_collate
-from .loader import (DUEB_STREAMS, StreamSpec, TrainLoaders, build_train_loaders,
-                     cutmix_collate, EpochTaggedSampler, make_loader, worker_init_fn,
-                     per_process_batch)
+from .loader import (DUEB_STREAMS, StreamSpec, TrainLoaders, cutmix_collate,
+                     EpochTaggedSampler, make_loader, worker_init_fn, per_process_batch)
 from .palettes import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, VOC_CLASSES, VOC_PALETTE,
                        voc_palette, default_class_names, default_palette)
 
@@ -30,7 +29,8 @@ __all__ = [
     "read_label", "read_list_file", "check_label_values", "resolve_source",
     "voc_folder_for_list", "canonical_layout", "TrainTransform", "IGNORE_INDEX", "normalize",
     "BoxMaskGenerator", "MaskCollate", "mask_generator_from_config", "seg_collate",
-    "DUEB_STREAMS", "StreamSpec", "cutmix_collate", "TrainLoaders", "build_train_loaders", "EpochTaggedSampler", "make_loader", "worker_init_fn",
+    "DUEB_STREAMS", "StreamSpec", "cutmix_collate", "TrainLoaders", "EpochTaggedSampler",
+    "make_loader", "worker_init_fn",
     "per_process_batch", "make_splits", "write_splits", "CITYSCAPES_CLASSES",
     "CITYSCAPES_PALETTE", "VOC_CLASSES", "VOC_PALETTE", "voc_palette", "default_class_names",
     "default_palette", "DEMO_CLASSES", "ensure_demo_data",

@@ -254,8 +254,3 @@ class TrainLoaders:
         return (f"TrainLoaders(labeled={g('n_labeled')}, unlabeled={g('n_unlabeled')}, "
                 f"max_samples={g('max_samples')}, batch/process={g('batch_size')}, "
                 f"niters_per_epoch={g('niters_per_epoch')}, rank={g('rank')}/{g('world_size')})")
-
-
-def build_train_loaders(C, rank: int = 0, world_size: int = 1, **kwargs) -> TrainLoaders:
-    """Alias of TrainLoaders(C, rank, world_size, **kwargs)."""
-    return TrainLoaders(C, rank=rank, world_size=world_size, **kwargs)

@@ -89,24 +89,13 @@ def resolve_resume(spec: Optional[str], snapshot_dir: str) -> Optional[str]:
     return str(path)
 
 
-def script_preset(method: Optional[str], preset: Optional[str], aleatoric: Optional[bool],
-                  energy: Optional[bool], supervised_only: Optional[bool]) -> list:
-    """The key=value strings a train script applies before the environment and --set (see
-    :func:`furnace.methods.presets.script_overrides`)."""
-    from ..methods.presets import script_overrides
-    return script_overrides(method, preset, aleatoric, energy, supervised_only)
-
-
 def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[str] = None,
-               aleatoric: Optional[bool] = None, energy: Optional[bool] = None,
-               supervised_only: Optional[bool] = None, argv: Optional[Sequence[str]] = None,
-               description: str = "training") -> int:
+               argv: Optional[Sequence[str]] = None, description: str = "training") -> int:
     """Entry point of the experiment train scripts; returns 0 or exits (2: a user error,
     128 + N: stopped by signal N after saving a resumable checkpoint).
 
     ``method``/``preset`` choose a registered method and one of its presets (train.py:
-    ``method='dueb', preset='full'``); the legacy ``aleatoric=``/``energy=``/
-    ``supervised_only=`` switches of older scripts are still accepted.
+    ``method='dueb', preset='full'``).
     """
     args = build_parser(description).parse_args(argv)
     if args.old_port is not None:
@@ -121,9 +110,9 @@ def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[s
         log_legacy_env()
         # --debug goes through the config so that it is validated with the other values
         debug = [f"debug={args.debug}"] if args.debug else []
+        from ..methods.presets import script_overrides
         C = load_config(exp_dir, args.overrides + debug,
-                        preset=script_preset(method, preset, aleatoric, energy,
-                                             supervised_only))
+                        preset=script_overrides(method, preset))
         if args.print_config:
             from ..methods.presets import method_name
             print(f"# method: {method_name(C)}")

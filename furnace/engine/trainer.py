@@ -47,15 +47,6 @@ except ImportError:  # pragma: no cover
 logger = logging.getLogger("furnace.engine")
 
 
-def __getattr__(name):
-    # DUEB's step and optimiser lived here before the methods moved to furnace.methods; the
-    # old import path still works, without the engine importing any method itself
-    if name in ("DUEBStep", "make_optimizer"):
-        from ..methods import dueb
-        return getattr(dueb, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite; training stops before the optimiser step."""
 

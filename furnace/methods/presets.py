@@ -89,18 +89,13 @@ def run_folder(method: str, preset: Optional[str]) -> str:
     return f"log/{method}-{preset}" if preset else f"log/{method}"
 
 
-def script_overrides(method: Optional[str], preset: Optional[str],
-                     aleatoric: Optional[bool] = None, energy: Optional[bool] = None,
-                     supervised_only: Optional[bool] = None) -> List[str]:
+def script_overrides(method: Optional[str] = None, preset: Optional[str] = None) -> List[str]:
     """The key=value strings a train script applies before the environment and --set.
 
-    ``method``/``preset``: a registered method and one of its presets. The switches of older
-    scripts (``aleatoric=``, ``energy=``, ``supervised_only=``) still work: they imply DUEB
-    and set its keys."""
-    if method is None and preset is None and aleatoric is None and energy is None:
-        method, preset = DEFAULT_SCRIPT if not supervised_only else ("supervised", None)
-    elif method is None:
-        method = "dueb"
+    ``method``/``preset``: a registered method and one of its presets (neither: DUEB's full
+    preset, what train.py runs)."""
+    if method is None:
+        method, preset = DEFAULT_SCRIPT if preset is None else ("dueb", preset)
     out = [f"method={method}", f"log_dir={run_folder(method, preset)}"]
     if preset is not None:
         presets = presets_of(method)
@@ -108,12 +103,6 @@ def script_overrides(method: Optional[str], preset: Optional[str],
             raise ConfigError(f"method '{method}' has no preset '{preset}'; known: "
                               f"{', '.join(sorted(presets)) or 'none'}")
         out += list(presets[preset])
-    if aleatoric is not None:
-        out.append(f"dueb.aleatoric.enabled={aleatoric}")
-    if energy is not None:
-        out.append(f"dueb.energy.enabled={energy}")
-    if supervised_only is not None:
-        out.append(f"supervised_only={supervised_only}")
-    elif method == "dueb" and "supervised_only=False" not in out:
-        out.append("supervised_only=False")    # as the older scripts: the script decides
+    if method == "dueb" and "supervised_only=False" not in out:
+        out.append("supervised_only=False")    # the script decides, not a legacy config key
     return out
