@@ -437,6 +437,33 @@ def test_a_text_file_as_checkpoint_is_one_clear_line(tmp_path):
     assert "\n" not in msg
 
 
+def test_unknown_method_in_a_checkpoint_names_the_file(voc_root, tmp_path, capsys):
+    from furnace.eval.cli import main as eval_main
+    path = tmp_path / "epoch-3.pth"
+    torch.save({"method": "bogus", "model": {}}, path)
+    with pytest.raises(SystemExit) as e:
+        eval_main(ROOT / "exp_voc", ["-d", "cpu", "-e", str(path), "--set",
+                                     f"dataset_path={voc_root}", "num_classes=5",
+                                     "class_names=none", f"log_dir={tmp_path / 'log'}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "'bogus'" in err[0]
+    assert "config key" not in err[0]
+
+
+def test_eval_p_pointing_at_a_file_is_one_line(tmp_path, capsys):
+    from furnace.eval.cli import main as eval_main
+    target = tmp_path / "images"
+    target.write_text("a file")
+    with pytest.raises(SystemExit) as e:
+        eval_main(ROOT / "exp_voc", ["-e", "last", "-s", "-p", str(target)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: -p {target} is a file; -p takes the folder the images go to (it "
+                   "is created if missing)"]
+    assert target.read_text() == "a file"
+
+
 SLOW_STEPS = """
     import time
     from furnace.methods.dueb import DUEB as _M

@@ -254,11 +254,21 @@ def training_state(method, *, epoch: int, iteration: int, global_iteration: int,
     return state
 
 
-def checkpoint_method(ckpt: Mapping[str, Any]) -> str:
-    """The method that wrote ``ckpt`` (format 1, the reference's and ours before: DUEB)."""
+def checkpoint_method(ckpt: Mapping[str, Any], path: Optional[os.PathLike] = None) -> str:
+    """The method that wrote ``ckpt`` (format 1, the reference's and ours before: DUEB).
+    With ``path``: a method this installation does not know is a CheckpointError naming the
+    file (it is the file's field, not a config key)."""
     from ..methods.presets import FORMAT1_METHOD
-    return str(ckpt.get("method", FORMAT1_METHOD)) if isinstance(ckpt, Mapping) \
+    name = str(ckpt.get("method", FORMAT1_METHOD)) if isinstance(ckpt, Mapping) \
         else FORMAT1_METHOD
+    if path is not None:
+        from ..methods.registry import method_names
+        if name not in method_names():
+            raise CheckpointError(
+                f"checkpoint {path} was written by method {name!r}, which is not a registered "
+                f"method here (known: {', '.join(method_names())}); use the framework version "
+                "that wrote it, or another checkpoint")
+    return name
 
 
 def _is_int(v: Any) -> bool:

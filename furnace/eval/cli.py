@@ -123,7 +123,7 @@ class MethodModel:
 def checkpoint_method_of(path, trust_pickle: bool = False) -> str:
     """The method recorded in checkpoint ``path`` (``dueb`` for reference and format-1 files)."""
     from furnace.engine.checkpoint import checkpoint_method, load_file
-    return checkpoint_method(load_file(path, trust_pickle=trust_pickle))
+    return checkpoint_method(load_file(path, trust_pickle=trust_pickle), path)
 
 
 def _identity(x):
@@ -509,6 +509,10 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None, *, method: Optional[str]
     ``error: ...`` to stderr and exit with code 2.
     """
     args = build_parser().parse_args(argv)
+    if args.save_path and os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
+        print(f"error: -p {args.save_path} is a file; -p takes the folder the images go to "
+              "(it is created if missing)", file=sys.stderr)
+        sys.exit(2)
     from furnace.engine.checkpoint import CheckpointError
     try:
         from furnace.engine.cli import log_legacy_env
