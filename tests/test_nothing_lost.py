@@ -3,11 +3,13 @@ checkpoints, options that change the method. One test (or more) per item of the 
 reproducing the fault; runs that could hang run in a subprocess under a timeout."""
 import json
 import os
+import queue
 import resource
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -176,22 +178,29 @@ def test_sigterm_is_honoured_after_the_writer_died(voc_root, tmp_path):
     log = tmp_path / "log"
     proc = train_proc(args_for(voc_root, log, ["nepochs=1", "niters_per_epoch=400",
                                                "tb_images_every=1"]), patch=WRITER_DIES)
+    lines = queue.Queue()
+    # a hung run writes nothing more: read stderr in a thread, wait on it with a deadline
+    reader = threading.Thread(target=lambda: [lines.put(l) for l in proc.stderr], daemon=True)
+    reader.start()
+    seen, err = "", ""
     try:
         deadline = time.time() + TIMEOUT
-        seen = ""
         while "tensorboard events stop here" not in seen and time.time() < deadline:
-            line = proc.stderr.readline()
-            if not line:
+            try:
+                seen += lines.get(timeout=max(0.1, deadline - time.time()))
+            except queue.Empty:
                 break
-            seen += line
         assert "tensorboard events stop here" in seen, seen[-3000:]
-        time.sleep(2)                           # well past the point the old loop blocked
+        time.sleep(5)                           # well past the point the old loop blocked
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=TIMEOUT)
+        proc.wait(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+        reader.join(timeout=10)
+        while not lines.empty():
+            err += lines.get()
     assert proc.returncode == 128 + signal.SIGTERM, (seen + err)[-3000:]
     assert "interrupted by SIGTERM" in err and "resume with -c last" in err
     last = ck.load_file(log / "snapshot" / "epoch-last.pth")

@@ -323,7 +323,6 @@ def restore_training(method, ckpt: Mapping[str, Any], path: os.PathLike, scaler=
     Returns ``(epoch, iteration)`` to continue from. Raises :class:`CheckpointError` when the
     file is another method's, holds no training state (a model-only file) or fields that do
     not fit (:func:`check_resume_fields`, with ``nepochs`` of the config)."""
-    check_resume_fields(ckpt, path, nepochs if nepochs is not None else 10 ** 9, niters_full)
     name = checkpoint_method(ckpt)
     if isinstance(ckpt, Mapping) and "method" in ckpt and name != method.name:
         raise CheckpointError(f"-c {path}: the checkpoint was written by method '{name}' but "
@@ -336,6 +335,7 @@ def restore_training(method, ckpt: Mapping[str, Any], path: os.PathLike, scaler=
             f"-c {path}: the file holds no '{missing[0]}', so it is not a training checkpoint "
             f"(model weights only?); -c resumes a run from its epoch-N.pth or epoch-last.pth. "
             "To start from weights, set pretrained_model (backbone) or train without -c")
+    check_resume_fields(ckpt, path, nepochs if nepochs is not None else 10 ** 9, niters_full)
     for key, module in method.modules.items():
         load_model_weights(module, path, {"model": ckpt[key]})
     for key, opt in method.optimizers.items():

@@ -125,9 +125,10 @@ def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[s
                         preset=script_preset(method, preset, aleatoric, energy,
                                              supervised_only))
         if args.print_config:
-            from ..methods import get_method
-            from ..methods.presets import method_name
-            get_method(method_name(C))  # an unknown method is an error here too, not exit 0
+            from ..methods.presets import method_name, presets_of
+            # an unknown method is an error here too, not exit 0 (built-in names are known
+            # without importing torch)
+            presets_of(method_name(C))
             print(f"# method: {method_name(C)}")
             print("\n".join(config_lines(C)))
             return 0
