@@ -342,6 +342,25 @@ def test_epoch_checkpoint_is_written_before_its_validation(voc_root, tmp_path, m
     assert state["epoch"] == 0 and state["resume_at"] == [1, 0]
 
 
+def test_best_survives_a_resume_although_epoch_files_precede_validation(voc_root, tmp_path,
+                                                                         monkeypatch):
+    # epoch 0 validates at 0.5, epoch 1 at 0.3; epoch-0.pth was written before its validation
+    # (best None in it), so the resumed run must take 0.5 from the run's best.pth
+    import furnace.eval.cli
+    scores = iter([0.5, 0.3])
+    monkeypatch.setattr(furnace.eval.cli, "evaluate_model",
+                        lambda *a, **k: {"miou": next(scores), "pixel_acc": 0.9})
+    extra = ["eval_every=1", "tb_images_every=0", "niters_per_epoch=1"]
+    log = tmp_path / "log"
+    run_script(TRAIN, args_for(voc_root, log, extra + ["stop_after_epoch=0"]), monkeypatch)
+    assert ck.load_file(log / "snapshot" / "epoch-0.pth")["best_miou"] is None
+    run_script(TRAIN, ["-c", "last"] + args_for(voc_root, log, extra), monkeypatch)
+    best = ck.load_file(log / "snapshot" / "best.pth")
+    assert best["best_miou"] == 0.5 and best["epoch"] == 0
+    assert ck.load_file(log / "snapshot" / "epoch-1.pth")["best_miou"] == 0.5
+    assert "(best 50.000%)" in train_log(log)
+
+
 # ----------------------------------------------------------------------- 7. crafted fields
 
 @pytest.fixture(scope="module")
