@@ -329,11 +329,11 @@ def test_missing_val_list_fails_at_start(voc_root, tmp_path, monkeypatch, capsys
 
 
 def test_epoch_checkpoint_is_written_before_its_validation(voc_root, tmp_path, monkeypatch):
-    import furnace.eval.cli
+    import furnace.eval.loop
 
     def broken(*a, **k):
         raise RuntimeError("validation crashed")
-    monkeypatch.setattr(furnace.eval.cli, "evaluate_model", broken)
+    monkeypatch.setattr(furnace.eval.loop, "evaluate_model", broken)
     with pytest.raises(RuntimeError, match="validation crashed"):
         run_script(TRAIN, args_for(voc_root, tmp_path / "log",
                                    ["eval_every=1", "eval_crop_size=48", "tb_images_every=0"]),
@@ -346,9 +346,9 @@ def test_best_survives_a_resume_although_epoch_files_precede_validation(voc_root
                                                                          monkeypatch):
     # epoch 0 validates at 0.5, epoch 1 at 0.3; epoch-0.pth was written before its validation
     # (best None in it), so the resumed run must take 0.5 from the run's best.pth
-    import furnace.eval.cli
+    import furnace.eval.loop
     scores = iter([0.5, 0.3])
-    monkeypatch.setattr(furnace.eval.cli, "evaluate_model",
+    monkeypatch.setattr(furnace.eval.loop, "evaluate_model",
                         lambda *a, **k: {"miou": next(scores), "pixel_acc": 0.9})
     extra = ["eval_every=1", "tb_images_every=0", "niters_per_epoch=1"]
     log = tmp_path / "log"
