@@ -386,6 +386,11 @@ def finalize(C: Config, exp_dir: Optional[os.PathLike] = None) -> Config:
             "(set num_train_imgs / num_unsup_imgs to choose)", listed[0], listed[1],
             C.train_source, C.unsup_source, C.total_train_imgs, ratio, *from_total)
     counts = listed if listed is not None else from_total
+    if listed is not None and listed[0] == 0 and C.num_train_imgs is None:
+        # the derived num_train_imgs would be 0 and blamed instead of the list
+        raise ConfigError(f"list file {Path(C.dataset_path) / C.train_source} is empty: the "
+                          "labelled list must name one image per line (train_source / "
+                          "labeled_ratio; generate splits with `python -m furnace.data.splits`)")
     if C.num_train_imgs is None:
         C.num_train_imgs = counts[0]
     if C.num_unsup_imgs is None:
@@ -551,6 +556,32 @@ def validate(C: Config) -> None:
     for key in ("eval_source", "split_dir", "log_dir"):
         if key in C and (not isinstance(C[key], str) or not C[key].strip()):
             fail(key, "a non-empty path")
+    _check_combinations(C)
+
+
+def _check_combinations(C: Config) -> None:
+    """Cross-key checks: combinations that would silently turn a method into another one."""
+    u = C.get("u2pl")
+    if isinstance(u, Mapping) and C.get("method") == "u2pl":
+        if _is_number(u.get("sup_only_epoch")) and u["sup_only_epoch"] >= C.nepochs:
+            raise ConfigError(
+                f"config key 'u2pl.sup_only_epoch' is {u['sup_only_epoch']} but nepochs is "
+                f"{C.nepochs}: no epoch would learn from unlabelled data, a supervised run "
+                "logged as U2PL; lower u2pl.sup_only_epoch below nepochs (or train "
+                "method=u2pl_suponly for the supervised baseline)")
+    if isinstance(u, Mapping) and str(C.get("method", "")).startswith("u2pl") \
+            and u.get("contrastive") != "off":
+        low, high = u.get("low_rank"), u.get("high_rank")
+        if _is_number(low) and _is_number(high) and low >= high:
+            raise ConfigError(
+                f"config keys 'u2pl.low_rank'={low} and 'u2pl.high_rank'={high}: negatives are "
+                "the classes ranked in [low_rank, high_rank), an empty range; set low_rank < "
+                "high_rank (U2PL: 3 and 20), or u2pl.contrastive=off")
+        if _is_number(low) and low >= C.num_classes:
+            raise ConfigError(
+                f"config key 'u2pl.low_rank' is {low} but num_classes is {C.num_classes}: no "
+                "class ranks that low, so no unlabelled pixel is a negative; set "
+                "u2pl.low_rank < num_classes")
 
 
 _MISSING = object()

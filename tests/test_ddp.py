@@ -10,7 +10,8 @@ from conftest import ROOT
 from helpers import free_port, make_voc
 from furnace.engine import checkpoint as ck
 
-TINY = ["backbone=resnet18", "pretrained_model=none", "image_height=48", "image_width=48",
+TINY = ["backbone=resnet18", "head_channels=16", "pretrained_model=none", "image_height=48",
+        "image_width=48",
         "batch_size=4", "nepochs=2", "niters_per_epoch=2", "num_workers=0", "snapshot_iter=1",
         "snapshot_from=-1", "aleatoric.samples=2"]
 

@@ -24,7 +24,7 @@ from furnace.methods import Method, get_method, method_names, register
 TINY_DATA = ["labeled_ratio=2", "image_height=32", "image_width=32", "batch_size=2",
              "num_workers=0", "train_scale_array=[1.0]", "snapshot_iter=1",
              "snapshot_from=-1", "tb_images_every=0", "pretrained_model=none",
-             "backbone=resnet18", "eval_crop_size=32", "eval_mode=whole"]
+             "backbone=resnet18", "head_channels=16", "eval_crop_size=32", "eval_mode=whole"]
 KILL = {"at": None, "how": "sigterm"}
 
 

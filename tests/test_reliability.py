@@ -22,7 +22,8 @@ from furnace.data.datasets import CityscapesDataset, VOCDataset
 from furnace.data.demo import main as demo_main, prepare_from_config
 from furnace.data.splits import main as splits_main
 
-TINY = ["backbone=resnet18", "pretrained_model=none", "image_height=32", "image_width=32",
+TINY = ["backbone=resnet18", "head_channels=16", "pretrained_model=none", "image_height=32",
+        "image_width=32",
         "batch_size=2", "nepochs=1", "niters_per_epoch=1", "num_workers=0", "snapshot_iter=1",
         "snapshot_from=-1", "train_scale_array=[1.0]", "aleatoric.samples=2",
         "labeled_ratio=2"]

@@ -14,7 +14,8 @@ from furnace.methods.dueb import DUEBStep
 from furnace.models import network_from_config
 from furnace.losses import AleatoricLoss, energy_term, pseudo_labels, unsup_ce
 
-TINY = ["backbone=resnet18", "pretrained_model=none", "image_height=48", "image_width=48",
+TINY = ["backbone=resnet18", "head_channels=16", "pretrained_model=none", "image_height=48",
+        "image_width=48",
         "batch_size=2", "nepochs=2", "niters_per_epoch=2", "num_workers=0", "snapshot_iter=1",
         "snapshot_from=-1", "train_scale_array=[1.0]", "aleatoric.samples=2",
         "tb_images_every=1"]
@@ -295,7 +296,10 @@ def test_validation_during_training_reports_uncertainty(voc_root, tmp_path, monk
                                                         capsys):
     run_script(ROOT / "exp_voc" / "train.py",
                overrides(voc_root, tmp_path, ["nepochs=1", "eval_every=1",
-                                              "eval_uncertainty=true", "eval_crop_size=48"]),
+                                              "eval_uncertainty=true", "eval_crop_size=48",
+                                              # the reference width: with 16 channels the
+                                              # untrained net gets every pixel wrong
+                                              "head_channels=256"]),
                monkeypatch)
     log = next((tmp_path / "log").glob("train_*.log")).read_text()
     assert "# val epoch 1: mIoU" in log

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -197,14 +198,43 @@ def is_complete(root, seed: int = 0, n_train: int = 1000, n_val: int = 200,
         return False
 
 
-def _may_replace(root: Path) -> bool:
-    """Only a folder this module wrote (it holds the stamp file) or an empty one may be
-    replaced: a user's data folder in the VOC layout must never be deleted."""
+# Every file the generator writes, relative to root (any seed, counts and ratios).
+_OWN_FILE = re.compile(r"^(?:train_aug/(?:image|label)/demo_train_\d{5,}\.png"
+                       r"|val/(?:image|label)/demo_val_\d{5,}\.png"
+                       r"|train_aug\.txt|val\.txt|" + re.escape(STAMP_NAME) +
+                       r"|subset_train_aug/train_aug_(?:labeled|unlabeled)_1-\d+\.txt)$")
+
+
+def _foreign_file(root: Path) -> Optional[str]:
+    """The first file under ``root`` the generator did not write (None if there is none)."""
+    for dp, dn, fs in os.walk(root):
+        rel = Path(dp).relative_to(root)
+        for d in sorted(dn):
+            if (Path(dp) / d).is_symlink():
+                return str(rel / d)
+        for f in sorted(fs):
+            if not _OWN_FILE.match((rel / f).as_posix()) or (Path(dp) / f).is_symlink():
+                return str(rel / f)
+    return None
+
+
+def _may_replace(root: Path) -> Optional[str]:
+    """Why ``root`` must not be replaced, or None. Only a folder this module wrote (it holds
+    the stamp file) or an empty one may be replaced, and only when every file in it is one
+    the generator writes: a user's data folder, or a file a user put into the demo folder,
+    must never be deleted."""
     if not root.exists() and not root.is_symlink():
-        return True
-    if not root.is_dir():
-        return False
-    return (root / STAMP_NAME).is_file() or not any(root.iterdir())
+        return None
+    if not root.is_dir() or root.is_symlink():
+        return "is not a folder"
+    if not any(root.iterdir()):
+        return None
+    if not (root / STAMP_NAME).is_file():
+        return f"holds files the demo generator did not write (no {STAMP_NAME})"
+    foreign = _foreign_file(root)
+    if foreign is not None:
+        return f"holds a file the demo generator did not write ({foreign})"
+    return None
 
 
 def generate(root=None, n_train: int = 1000, n_val: int = 200, size: int = 128, seed: int = 0,
@@ -221,11 +251,10 @@ def generate(root=None, n_train: int = 1000, n_val: int = 200, size: int = 128, 
     t0 = time.perf_counter()
     root = Path(root) if root is not None else DEFAULT_ROOT
     root = root.expanduser().absolute()
-    if not _may_replace(root):
-        what = "is not a folder" if root.exists() and not root.is_dir() else \
-            f"holds files the demo generator did not write (no {STAMP_NAME})"
-        raise DataError(f"demo data root {root} {what}; refusing to replace it. Pass another "
-                        f"--root (or dataset_path), or empty that folder yourself")
+    what = _may_replace(root)
+    if what:
+        raise DataError(f"demo data root {root} {what}; refusing to replace it. Move that "
+                        f"out, pass another --root (or dataset_path), or empty the folder")
     if n_train < 2 or n_val < 1:
         raise DataError(f"demo needs n_train >= 2 and n_val >= 1, got {n_train}, {n_val}")
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -262,9 +291,10 @@ def generate(root=None, n_train: int = 1000, n_val: int = 200, size: int = 128, 
     (tmp / STAMP_NAME).write_text(json.dumps(_stamp(seed, n_train, n_val, size), indent=1))
     # swap into place; another process may have finished first, which is fine
     if root.exists():
-        if not _may_replace(root):  # checked again: files may have arrived meanwhile
+        what = _may_replace(root)  # checked again: files may have arrived meanwhile
+        if what:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"demo data root {root} received other files while generating; "
+            raise DataError(f"demo data root {root} {what} (it arrived while generating); "
                             f"refusing to replace it (the new data was discarded)")
         shutil.rmtree(root)
     try:

@@ -23,7 +23,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional
 
 import numpy as np
 import torch
@@ -39,14 +39,41 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- writing
 
+TMP_RE = re.compile(r"^\.(.+\.pth)\.tmp(\d+)$")
+
+
+def _tmp_path(path: Path) -> Path:
+    """The temporary file of a save in progress: ``.<name>.tmp<pid>`` (see
+    :func:`remove_stale_temporaries`)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _write_failed(path: Path, e: BaseException) -> CheckpointError:
+    # torch.save reports a failed write as a RuntimeError from its zip writer (chained to
+    # the OSError, when there is one): name the cause in one line either way
+    cause = e
+    while not isinstance(cause, OSError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, OSError):
+        why = cause.strerror or str(cause)
+    else:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "write" in why.lower():
+            why += " (disk full or file size limit?)"
+    return CheckpointError(
+        f"cannot write checkpoint {path}: {why}; the previous checkpoint there (if any) is "
+        f"intact. Free space or fix permissions in {path.parent}, then resume with -c last")
+
+
 def atomic_save(obj: Any, path: os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
 
     A process killed mid-write leaves the previous file untouched (rename is atomic). A failed
-    write (full disk, permissions) raises :class:`CheckpointError` naming the file.
+    write (full disk, file size limit, permissions) removes the temporary file and raises
+    :class:`CheckpointError` naming the file.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -54,10 +81,8 @@ def atomic_save(obj: Any, path: os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint "
-            f"there (if any) is intact. Free space or fix permissions in {path.parent}") from e
+    except (OSError, RuntimeError) as e:
+        raise _write_failed(path, e) from None
     finally:
         try:
             if tmp.exists():
@@ -69,20 +94,56 @@ def atomic_save(obj: Any, path: os.PathLike) -> None:
 def atomic_copy(src: os.PathLike, dst: os.PathLike) -> None:
     """Copy ``src`` to ``dst`` through a temporary file and an atomic rename."""
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp = _tmp_path(dst)
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     except OSError as e:
-        raise CheckpointError(
-            f"cannot write checkpoint {dst}: {e.strerror or e}; the previous checkpoint there "
-            f"(if any) is intact. Free space or fix permissions in {dst.parent}") from e
+        raise _write_failed(dst, e) from None
     finally:
         try:
             if tmp.exists():
                 tmp.unlink()
         except OSError:
             pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: a live process of another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: os.PathLike) -> List[str]:
+    """Delete the ``.<name>.pth.tmp<pid>`` files of saves whose process is gone (SIGKILL or a
+    crash mid-write; each can be as large as a checkpoint). A temporary of a live process is
+    left alone: it may be a save in progress. Returns the names removed."""
+    folder = Path(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed, size = [], 0
+    for name in sorted(names):
+        m = TMP_RE.match(name)
+        if not m or _pid_alive(int(m.group(2))):
+            continue
+        try:
+            size += (folder / name).stat().st_size
+            (folder / name).unlink()
+            removed.append(name)
+        except OSError:
+            pass
+    if removed:
+        logger.warning("removed %d stale temporary file(s) of interrupted saves in %s "
+                       "(%.1f MB): %s", len(removed), folder, size / 1e6, ", ".join(removed))
+    return removed
 
 
 def rng_state() -> Dict[str, Any]:
@@ -113,22 +174,45 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Epoch files each process wrote, per snapshot folder, for callers that keep no record of
+# their own (save_checkpoint's ``owned``)
+_WRITTEN: Dict[str, Dict[str, List[int]]] = {}
+
+
+def _signature(path: Path) -> List[int]:
+    st = path.stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
 def save_checkpoint(snapshot_dir: os.PathLike, epoch: int, state: Dict[str, Any],
-                    keep: Optional[int] = None) -> Path:
+                    keep: Optional[int] = None,
+                    owned: Optional[MutableMapping[str, List[int]]] = None) -> Path:
     """Write ``epoch-<epoch>.pth`` and refresh ``epoch-last.pth`` (a copy, as the reference).
 
-    ``keep``: if set, delete the oldest ``epoch-N.pth`` files so that at most ``keep`` remain.
+    ``keep``: if set, delete the oldest epoch files *this run wrote* so that at most ``keep``
+    of them remain; files of another run in the same folder are never touched. ``owned``:
+    the run's record, file name -> [size, mtime_ns] as written (updated here; a file changed
+    since is not ours any more and is kept). Default: the files this process wrote.
     Returns the path of the epoch file.
     """
     snapshot_dir = Path(snapshot_dir)
+    if owned is None:
+        owned = _WRITTEN.setdefault(str(snapshot_dir.resolve()), {})
     path = snapshot_dir / f"epoch-{epoch}.pth"
     atomic_save(state, path)
+    owned[path.name] = _signature(path)
     atomic_copy(path, snapshot_dir / LAST)
     if keep is not None and keep > 0:
-        epochs = sorted(int(m.group(1)) for m in map(CHECKPOINT_RE.match, os.listdir(snapshot_dir))
-                        if m)
-        for old in epochs[:-keep]:
-            (snapshot_dir / f"epoch-{old}.pth").unlink(missing_ok=True)
+        mine = sorted((int(m.group(1)), name) for name in list(owned)
+                      for m in [CHECKPOINT_RE.match(name)] if m)
+        for _, name in mine[:-keep]:
+            old = snapshot_dir / name
+            try:
+                if _signature(old) == list(owned[name]):
+                    old.unlink()
+            except OSError:  # gone already, or unreadable: nothing of ours to delete
+                pass
+            del owned[name]
     return path
 
 
@@ -171,19 +255,75 @@ def training_state(method, *, epoch: int, iteration: int, global_iteration: int,
     return state
 
 
-def checkpoint_method(ckpt: Mapping[str, Any]) -> str:
-    """The method that wrote ``ckpt`` (format 1, the reference's and ours before: DUEB)."""
+def checkpoint_method(ckpt: Mapping[str, Any], path: Optional[os.PathLike] = None) -> str:
+    """The method that wrote ``ckpt`` (format 1, the reference's and ours before: DUEB).
+    With ``path``: a method this installation does not know is a CheckpointError naming the
+    file (it is the file's field, not a config key)."""
     from ..methods.presets import FORMAT1_METHOD
-    return str(ckpt.get("method", FORMAT1_METHOD)) if isinstance(ckpt, Mapping) \
+    name = str(ckpt.get("method", FORMAT1_METHOD)) if isinstance(ckpt, Mapping) \
         else FORMAT1_METHOD
+    if path is not None:
+        from ..methods.registry import method_names
+        if name not in method_names():
+            raise CheckpointError(
+                f"checkpoint {path} was written by method {name!r}, which is not a registered "
+                f"method here (known: {', '.join(method_names())}); use the framework version "
+                "that wrote it, or another checkpoint")
+    return name
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_resume_fields(ckpt: Any, path: os.PathLike, nepochs: int,
+                        max_iter: Optional[int] = None) -> None:
+    """Refuse a checkpoint whose position or bookkeeping fields are not what this framework
+    writes (a crafted or foreign file): a negative or non-integer ``resume_at`` would train
+    epochs that do not exist, with a learning rate extrapolated beyond the schedule."""
+    def bad(field: str, want: str) -> CheckpointError:
+        value = ckpt.get(field) if isinstance(ckpt, Mapping) else None
+        return CheckpointError(f"-c {path}: field '{field}' is {value!r}, expected {want}; the "
+                               "file was not written by this framework's training (or was "
+                               "edited): resume from another checkpoint")
+
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"-c {path}: the file holds a {type(ckpt).__name__}, not a "
+                              "training checkpoint (a dict); resume from an epoch-N.pth or "
+                              "epoch-last.pth of a run")
+    if "method" in ckpt and (not isinstance(ckpt["method"], str) or not ckpt["method"]):
+        raise bad("method", "a method name")
+    for field in ("epoch", "iteration", "global_iteration"):
+        if field in ckpt and not (_is_int(ckpt[field]) and ckpt[field] >= 0):
+            raise bad(field, "an integer >= 0")
+    if "resume_at" in ckpt:
+        r = ckpt["resume_at"]
+        if (not isinstance(r, (list, tuple)) or len(r) != 2 or not all(map(_is_int, r))
+                or r[0] < 0 or r[1] < 0 or r[0] > nepochs):
+            raise bad("resume_at", f"[epoch, iteration] with 0 <= epoch <= nepochs={nepochs} "
+                                   "and iteration >= 0")
+        if max_iter is not None and r[1] > max_iter:
+            raise bad("resume_at", f"an iteration <= {max_iter} (iterations per epoch of this "
+                                   "config; set niters_per_epoch as in that run)")
+    elif "epoch" not in ckpt:
+        raise bad("epoch", "the last completed epoch (the file holds no position)")
+    if ckpt.get("best_miou") is not None:
+        v = ckpt["best_miou"]
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
+            raise bad("best_miou", "none or a number in [0, 1]")
+    for field in ("extra", "rng", "config", "snapshot_files"):
+        if ckpt.get(field) is not None and not isinstance(ckpt[field], Mapping):
+            raise bad(field, "a dict")
 
 
 def restore_training(method, ckpt: Mapping[str, Any], path: os.PathLike, scaler=None,
-                     niters: Optional[int] = None):
+                     niters: Optional[int] = None, nepochs: Optional[int] = None,
+                     niters_full: Optional[int] = None):
     """Load modules, optimisers, method state and scaler of ``ckpt`` into ``method``.
 
     Returns ``(epoch, iteration)`` to continue from. Raises :class:`CheckpointError` when the
-    file is another method's or holds no training state (a model-only file)."""
+    file is another method's, holds no training state (a model-only file) or fields that do
+    not fit (:func:`check_resume_fields`, with ``nepochs`` of the config)."""
     name = checkpoint_method(ckpt)
     if isinstance(ckpt, Mapping) and "method" in ckpt and name != method.name:
         raise CheckpointError(f"-c {path}: the checkpoint was written by method '{name}' but "
@@ -196,15 +336,21 @@ def restore_training(method, ckpt: Mapping[str, Any], path: os.PathLike, scaler=
             f"-c {path}: the file holds no '{missing[0]}', so it is not a training checkpoint "
             f"(model weights only?); -c resumes a run from its epoch-N.pth or epoch-last.pth. "
             "To start from weights, set pretrained_model (backbone) or train without -c")
+    check_resume_fields(ckpt, path, nepochs if nepochs is not None else 10 ** 9, niters_full)
     for key, module in method.modules.items():
         load_model_weights(module, path, {"model": ckpt[key]})
     for key, opt in method.optimizers.items():
         try:
             opt.load_state_dict(ckpt[key])
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"-c {path}: '{key}' does not fit this configuration's "
                                   f"optimiser ({e}); check learn_variance and the method") from e
-    method.load_extra_state(ckpt.get("extra") or {})
+    try:
+        method.load_extra_state(ckpt.get("extra") or {})
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"-c {path}: the method state ('extra') does not fit this "
+                              f"configuration ({msg}); check the method's options") from None
     if scaler is not None and ckpt.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
     if "resume_at" in ckpt:
@@ -232,12 +378,39 @@ def _numpy_arrays_allowed():
     return safe([_reconstruct, np.ndarray, np.dtype, *dtypes])
 
 
+# torch.save writes a zip archive; older torch and the reference wrote a pickle (protocol 2+)
+_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _check_magic(path: Path) -> None:
+    """A file that is neither makes torch fail with a parser error (``KeyError: 101``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if head.startswith(_MAGIC):
+        return
+    if not head:
+        what = "is empty"
+    else:
+        try:
+            text = head.decode("utf-8")
+            what = f"is a text file (it starts with {text.splitlines()[0][:30]!r})" \
+                if text.strip() else "holds only blanks"
+        except UnicodeDecodeError:
+            what = "is not a PyTorch file"
+    raise CheckpointError(f"checkpoint {path} {what}, not a checkpoint written by torch.save; "
+                          "give an epoch-N.pth / epoch-last.pth file")
+
+
 def load_file(path: os.PathLike, trust_pickle: bool = False) -> Dict[str, Any]:
     """``torch.load`` on CPU with ``weights_only=True`` (loading cannot run code); errors name
     the file. ``trust_pickle``: full unpickling, for legacy files you trust only."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _check_magic(path)
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)

@@ -114,7 +114,10 @@ def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[s
         C = load_config(exp_dir, args.overrides + debug,
                         preset=script_overrides(method, preset))
         if args.print_config:
-            from ..methods.presets import method_name
+            from ..methods.presets import method_name, presets_of
+            # an unknown method is an error here too, not exit 0 (built-in names are known
+            # without importing torch)
+            presets_of(method_name(C))
             print(f"# method: {method_name(C)}")
             print("\n".join(config_lines(C)))
             return 0
@@ -126,6 +129,11 @@ def train_main(exp_dir: str, *, method: Optional[str] = None, preset: Optional[s
             train(C, info, resume, trust_pickle=args.trust_pickle)
         finally:
             cleanup()
+    except KeyboardInterrupt:
+        # the second Ctrl-C: stop at once, without the traceback of wherever the loop was
+        print("interrupted by SIGINT (Ctrl-C twice): stopped at once without saving; the "
+              "checkpoints written before are intact (resume with -c last)", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         # the run's own exception types live in modules that import torch; look them up
         # only when something was raised

@@ -187,4 +187,8 @@ def run_guard(C: Mapping, is_main: bool = True) -> Iterator[None]:
     probe_folder(C["log_dir"], "log_dir")
     probe_folder(C["snapshot_dir"], "snapshot_dir", need)
     with SnapshotLock(C["snapshot_dir"]):
+        # saves killed mid-write (SIGKILL) leave their temporaries; under the lock no other
+        # training writes here, and a file of a live process is kept anyway
+        from .checkpoint import remove_stale_temporaries
+        remove_stale_temporaries(C["snapshot_dir"])
         yield

@@ -10,14 +10,17 @@ name: the ``method`` config key picks one from the registry.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import queue
 import random
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -26,7 +29,7 @@ import torch
 
 from .. import __version__
 from ..config import Config
-from ..data import TrainLoaders, per_process_batch
+from ..data import TrainLoaders, build_eval_dataset, per_process_batch
 from ..data.demo import prepare_from_config
 from ..methods import Method, MethodContext, get_method, method_name
 from ..methods.groups import reference_groups
@@ -110,29 +113,106 @@ def _to_device(batch: Dict, device: torch.device) -> Dict:
 
 
 class _TrainLog:
-    """Rank-0 logging: the train log file, tqdm description and tensorboardX events."""
+    """Rank-0 logging: the train log file, tqdm description and tensorboardX events.
+
+    Logging never stops or hangs training: a log file that cannot be written (full disk) and
+    a tensorboard writer whose thread died (its bounded queue would block the loop for ever)
+    are each reported once, as one warning line, and dropped."""
+
+    # seconds an event may wait for room in the writer's queue before the writer is dropped
+    PUT_TIMEOUT = 10.0
 
     def __init__(self, C: Config, enabled: bool):
         self.file = None
         self.tb = None
+        self.warnings: List[str] = []
+        self._thread_errors: List[str] = []
+        self._old_hook = None
         if not enabled:
             return
         Path(C.log_dir).mkdir(parents=True, exist_ok=True)
         self.file = open(C.train_log_file, "a", buffering=1)
         try:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(C.tb_dir)
         except ImportError:  # tensorboardX is optional at run time
             logger.warning("tensorboardX not installed: no tensorboard events")
+            return
+        try:
+            self.tb = SummaryWriter(C.tb_dir)
+        except OSError as e:
+            self._drop_tb(f"cannot open tensorboard folder {C.tb_dir}: {e.strerror or e}")
+            return
+        self._guard_writer()
+
+    def _writer(self):
+        """tensorboardX's EventFileWriter of ``self.tb`` (None if its internals differ)."""
+        fw = getattr(self.tb, "file_writer", None)
+        return getattr(fw, "event_writer", None)
+
+    def _guard_writer(self) -> None:
+        """Catch the writer thread's death (its exception, for the warning, instead of a
+        traceback on stderr) and bound how long an event waits for room in its queue."""
+        ew = self._writer()
+        worker, q = getattr(ew, "_worker", None), getattr(ew, "_event_queue", None)
+        if worker is None or q is None:
+            return
+        self._old_hook = threading.excepthook
+
+        def hook(args, _old=self._old_hook, _worker=worker):
+            if args.thread is _worker:
+                self._thread_errors.append(f"{args.exc_type.__name__}: {args.exc_value}")
+            else:
+                _old(args)
+        threading.excepthook = hook
+
+        def add_event(event, _q=q, _worker=worker):
+            if not _worker.is_alive():
+                raise _WriterDead()
+            try:
+                _q.put(event, timeout=self.PUT_TIMEOUT)
+            except queue.Full:
+                raise _WriterDead(f"its queue stayed full for {self.PUT_TIMEOUT:.0f} s") \
+                    from None
+        ew.add_event = add_event
+
+    def _drop_tb(self, why: str) -> None:
+        msg = f"tensorboard events stop here ({why}); training goes on without them"
+        logger.warning(msg)
+        self.warnings.append(msg)
+        self.line("# warning: " + msg)
+        ew, self.tb = self._writer(), None
+        # no close(): it would flush through the dead thread's queue and block
+        with contextlib.suppress(Exception):
+            if ew is not None:
+                ew._closed = True
+                ew._ev_writer.close()
+
+    def _tb_call(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except _WriterDead as e:
+            why = self._thread_errors[0] if self._thread_errors else str(e) or "stopped"
+            self._drop_tb(f"the event writer died: {why}")
+        except OSError as e:
+            self._drop_tb(f"cannot write events: {e.strerror or e}")
 
     def line(self, text: str) -> None:
         if self.file:
-            self.file.write(text + "\n")
+            try:
+                self.file.write(text + "\n")
+            except OSError as e:
+                f, self.file = self.file, None
+                with contextlib.suppress(OSError):
+                    f.close()
+                msg = (f"cannot write the train log ({e.strerror or e}); training goes on "
+                       "without it")
+                logger.warning(msg)
+                self.warnings.append(msg)
 
     def scalars(self, values: Dict[str, float], step: int, prefix: str = "train") -> None:
-        if self.tb:
-            for k, v in values.items():
-                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+        for k, v in values.items():
+            if self.tb:
+                self._tb_call(self.tb.add_scalar, f"{prefix}/{k}", v, step)
 
     def images(self, extras: Dict[str, torch.Tensor], C: Config, step: int) -> None:
         if not self.tb or "image" not in extras or "logits" not in extras:
@@ -141,18 +221,35 @@ class _TrainLog:
         std = torch.tensor(C.image_std, device=extras["image"].device).view(3, 1, 1)
         img = (extras["image"][0].float() * std + mean).clamp(0, 1)
         pred = extras["logits"][0].argmax(0).float() / max(1, C.num_classes - 1)
-        self.tb.add_image("train/input", img.cpu(), step)
-        self.tb.add_image("train/prediction", pred[None].cpu(), step)
+        shown = [("train/input", img.cpu()), ("train/prediction", pred[None].cpu())]
         if extras.get("var") is not None:
             var = extras["var"][0, 0].float()
             var = (var - var.min()) / (var.max() - var.min() + 1e-12)
-            self.tb.add_image("train/variance", var[None].cpu(), step)
+            shown.append(("train/variance", var[None].cpu()))
+        for tag, image in shown:
+            if self.tb:
+                self._tb_call(self.tb.add_image, tag, image, step)
 
     def close(self) -> None:
-        if self.file:
-            self.file.close()
         if self.tb:
-            self.tb.close()
+            worker = getattr(self._writer(), "_worker", None)
+            if worker is not None and not worker.is_alive():
+                why = self._thread_errors[0] if self._thread_errors else "stopped"
+                self._drop_tb(f"the event writer died: {why}")
+            else:
+                self._tb_call(self.tb.close)
+            self.tb = None
+        if self._old_hook is not None:
+            threading.excepthook = self._old_hook
+            self._old_hook = None
+        if self.file:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+
+
+class _WriterDead(Exception):
+    """The tensorboard writer thread is gone (or stuck); its events would block the loop."""
 
 
 class _StopSignals:
@@ -244,15 +341,23 @@ class Run:
     best: Any = None                   # best validation mIoU so far (a fraction; by name for
     #                                    a method with several eval models)
     snapshot_dir: Path = Path(".")
+    # the run's id and the epoch files it wrote (file name -> [size, mtime_ns]): snapshot_keep
+    # prunes only those, never another run's files in a reused folder; both ride in the
+    # checkpoints, so a resumed run goes on with its own record
+    run_id: str = ""
+    owned: Dict[str, list] = field(default_factory=dict)
 
     def state(self, epoch: int, idx: int, best: Optional[float] = None) -> Dict[str, Any]:
         """The checkpoint after iteration ``idx`` of ``epoch`` (format 2)."""
         nxt = [epoch, idx + 1] if idx + 1 < self.niters else [epoch + 1, 0]
-        return ckpt_io.training_state(
+        state = ckpt_io.training_state(
             self.method, epoch=epoch, iteration=idx,
             global_iteration=epoch * self.niters_full + idx, resume_at=nxt,
             config=self.C.to_dict(), scaler=self.scaler,
             best_miou=self.best if best is None else best, version=__version__)
+        state.update(run_id=self.run_id,
+                     snapshot_files={k: list(v) for k, v in self.owned.items()})
+        return state
 
 
 def _setup(C: Config, info: DistInfo, resume: Optional[str], device: torch.device,
@@ -274,12 +379,28 @@ def _setup(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
     seed_everything(C.seed + info.rank)
 
     start_epoch, start_idx, best = 0, 0, None
+    snapshot_dir = Path(C.snapshot_dir)
+    # the run's id and the epoch files it wrote (file name -> [size, mtime_ns]): snapshot_keep
+    # prunes only those, never another run's files in a reused folder; both ride in the
+    # checkpoints, so a resumed run goes on with its own record
+    run_id, owned = uuid.uuid4().hex, {}
     if resume:
         ck = ckpt_io.load_file(resume, trust_pickle=trust_pickle)
-        start_epoch, start_idx = ckpt_io.restore_training(method, ck, resume, scaler, niters)
+        start_epoch, start_idx = ckpt_io.restore_training(
+            method, ck, resume, scaler, niters, nepochs=C.nepochs, niters_full=niters_full)
         best = ck.get("best_miou")
+        if isinstance(ck.get("run_id"), str):
+            run_id = ck["run_id"]
+            if Path(resume).resolve().parent == snapshot_dir.resolve():
+                owned = _files_of_run(snapshot_dir, ck.get("snapshot_files") or {}, run_id)
+            best = _best_of_run(snapshot_dir, run_id, best)
         if "rng" in ck:
-            ckpt_io.set_rng_state(ck["rng"])
+            try:
+                ckpt_io.set_rng_state(ck["rng"])
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+                raise ckpt_io.CheckpointError(
+                    f"-c {resume}: field 'rng' is not a random generator state this framework "
+                    f"writes ({type(e).__name__}); resume from another checkpoint") from None
         if info.rank > 0:  # only rank 0's states are saved
             seed_everything((C.seed + info.rank) * 1000 + start_epoch
                             + (start_idx * 100003 if start_idx else 0))
@@ -296,6 +417,9 @@ def _setup(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
         torch.distributed.barrier()
     loaders = TrainLoaders(C, rank=info.rank, world_size=info.world_size,
                            streams=cls.stream_specs())
+    if int(C.get("eval_every") or 0) and info.is_main:
+        # the val list is needed after the first epoch(s): check it now, not hours later
+        build_eval_dataset(C)
     params, seen = [], set()
     for module in method.modules.values():
         for p in module.parameters():
@@ -313,7 +437,7 @@ def _setup(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
     if resume:
         log.line(f"# resumed from {resume} at epoch {start_epoch} iteration {start_idx}")
     return Run(C, info, method, loaders, scaler, schedules, params, log, niters, niters_full,
-               start_epoch, start_idx, bool(resume), best, Path(C.snapshot_dir))
+               start_epoch, start_idx, bool(resume), best, snapshot_dir, run_id, owned)
 
 
 def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.device,
@@ -345,6 +469,9 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
     except NonFiniteLossError:
         reason = "NaN"
         raise
+    except KeyboardInterrupt:
+        reason = "interrupted (second SIGINT, not saved)"
+        raise
     except BaseException as e:
         reason = f"error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         raise
@@ -352,6 +479,61 @@ def _train(C: Config, info: DistInfo, resume: Optional[str], device: torch.devic
         run.log.line(f"# stopped: {reason}")
         run.log.close()
     return run.snapshot_dir
+
+
+def _files_of_run(snapshot_dir: Path, files: Dict[str, Any], run_id: str) -> Dict[str, list]:
+    """The epoch files a resumed run wrote, from its checkpoint's record: name ->
+    [size, mtime_ns] as written, or None for the file that was being written with it, which
+    counts when it holds this run's id (read through mmap: no weights are loaded)."""
+    owned = {}
+    for name, sig in files.items():
+        name = str(name)
+        if not ckpt_io.CHECKPOINT_RE.match(name):
+            continue
+        if isinstance(sig, (list, tuple)) and len(sig) == 2:
+            owned[name] = [int(x) for x in sig]
+            continue
+        path = snapshot_dir / name
+        try:
+            other = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(other, dict) and other.get("run_id") == run_id:
+                owned[name] = ckpt_io._signature(path)
+        except Exception:  # gone, unreadable or not ours: never pruned
+            pass
+    return owned
+
+
+def _best_of_file(path: Path, run_id: str) -> Any:
+    """The ``best_miou`` a best checkpoint of run ``run_id`` recorded (None if it is not
+    one: missing, unreadable, another run's)."""
+    if not path.is_file():
+        return None
+    try:
+        other = ckpt_io.load_file(path)
+    except (ckpt_io.CheckpointError, OSError):
+        return None
+    if not isinstance(other, dict) or other.get("run_id") != run_id:
+        return None
+    return other.get("best_miou")
+
+
+def _best_of_run(snapshot_dir: Path, run_id: str, best: Any) -> Any:
+    """The best mIoU of run ``run_id``: the resumed checkpoint's, or that of the run's
+    best checkpoint when higher (an epoch file is written before its validation). A float,
+    or for a method with several eval models a dict by name (``best-<name>.pth`` each)."""
+    if isinstance(best, dict) or list(snapshot_dir.glob("best-*.pth")):
+        out = dict(best) if isinstance(best, dict) else {}
+        for path in snapshot_dir.glob("best-*.pth"):
+            v = _best_of_file(path, run_id)
+            name = path.stem[len("best-"):]
+            v = v.get(name) if isinstance(v, dict) else None
+            if isinstance(v, float) and (out.get(name) is None or v > out[name]):
+                out[name] = v
+        return out or best
+    v = _best_of_file(snapshot_dir / ckpt_io.BEST, run_id)
+    if not isinstance(v, float):
+        return best
+    return v if best is None or v > best else best
 
 
 def train_one_epoch(run: Run, epoch: int, first: int, stop: "_StopSignals") -> None:
@@ -449,16 +631,20 @@ def log_iteration(run: Run, epoch: int, idx: int, t_global: int, lr: float,
 
 
 def end_of_epoch(run: Run, epoch: int) -> None:
-    """Validation every ``eval_every`` epochs (and after the last), then the epoch's
-    checkpoint on the reference schedule."""
+    """The epoch's checkpoint on the reference schedule, then validation every
+    ``eval_every`` epochs (and after the last): a validation that fails (or is killed) must
+    not cost the epoch's training."""
     C = run.C
+    if run.info.is_main and should_save(C, epoch):
+        state = run.state(epoch, run.niters - 1)
+        # the file being written, by name: its size is known only afterwards
+        state["snapshot_files"][f"epoch-{epoch}.pth"] = None
+        path = ckpt_io.save_checkpoint(run.snapshot_dir, epoch, state, C.snapshot_keep,
+                                       run.owned)
+        run.log.line(f"# saved {path}")
     eval_every = int(C.get("eval_every") or 0)
     if eval_every and ((epoch + 1) % eval_every == 0 or epoch == C.nepochs - 1):
         run.best = _validate(run, epoch)
-    if run.info.is_main and should_save(C, epoch):
-        path = ckpt_io.save_checkpoint(run.snapshot_dir, epoch, run.state(epoch, run.niters - 1),
-                                       C.snapshot_keep)
-        run.log.line(f"# saved {path}")
 
 
 def _validate(run: Run, epoch: int) -> Any:

@@ -140,7 +140,7 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
         recorded = ckpt.get("config") if isinstance(ckpt, dict) else None
         C = checkpoint_config(folder_C, recorded, overrides, protocol == "checkpoint",
                               source=f"{path} (its recorded config)")
-        name = checkpoint_method(ckpt)
+        name = checkpoint_method(ckpt, path)
         if (name, C) != built:  # another network or protocol than the previous checkpoint
             factory = model_factory or MethodModel(name)
             model, dataset, built = factory(C), build_eval_dataset(C), (name, C)
@@ -195,6 +195,10 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object
     print one line ``error: ...`` to stderr and exit with code 2.
     """
     args = build_parser().parse_args(argv)
+    if args.save_path and os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
+        print(f"error: -p {args.save_path} is a file; -p takes the folder the images go to "
+              "(it is created if missing)", file=sys.stderr)
+        sys.exit(2)
     from furnace.engine.checkpoint import CheckpointError
     try:
         from furnace.engine.cli import log_legacy_env
