@@ -2,6 +2,7 @@
 import contextlib
 import io
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -99,7 +100,9 @@ def voc_exp(tmp_path_factory):
     os.link(snap / "epoch-3.pth", snap / "epoch-5.pth")       # same weights, cheap
     os.link(snap / "epoch-3.pth", snap / "epoch-last.pth")
     (snap / "notes.txt").write_text("not a checkpoint")
-    return {"exp": exp, "root": root, "snap": snap, "state": state}
+    yield {"exp": exp, "root": root, "snap": snap, "state": state}
+    # the ResNet-18 checkpoints are 130 MB: not left behind in the temporary folder
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
