@@ -15,7 +15,8 @@ from furnace.config import load_config
 from furnace.data import build_eval_dataset
 from furnace.engine.checkpoint import atomic_save
 from furnace.eval import cli, loop
-from furnace.eval.cli import EvalError, link_file
+from furnace.eval.cli import link_file
+from furnace.eval.loop import EvalError
 from furnace.eval.runner import parse_devices, shard_indices
 from furnace.eval.visualize import BAR_WIDTH, colorize, get_palette, make_composite
 

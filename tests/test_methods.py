@@ -425,6 +425,14 @@ def test_help_and_print_config_answer_without_torch():
                          text=True, timeout=60)
     assert out.returncode == 0 and "--print-config" in out.stdout and "--trust-pickle" in \
         out.stdout and out.stdout.rstrip().endswith("NO-TORCH")
+    # eval.py alike
+    code = code.replace("train.py", "eval.py")
+    for args in (["--help"], ["--print-config", "--set", "eval_flip=true"]):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.rstrip().endswith("NO-TORCH"), out.stdout[-300:]
+    assert "eval_flip = True" in out.stdout.splitlines()
 
 
 def test_epoch_size_comes_from_the_list_files(tmp_path, caplog):

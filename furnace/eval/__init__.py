@@ -18,11 +18,27 @@ Public API::
     furnace.eval.loop.evaluate_model(model, C, device, uncertainty=False) -> metrics dict
         (validation in training, with furnace.eval.loop.validation_config(C))
 """
-from .evaluator import Prediction, SegEvaluator, WindowGrid, normalization_lut, sliding_windows
-from .metrics import ConfusionMatrix, compute_metrics, confusion_histogram, format_results
-from .snapshots import available_epochs, checkpoint_epoch, resolve_checkpoints
-from .uncertainty import UncertaintyMeter, format_uncertainty, save_reliability_diagram
-from .visualize import colorize, error_to_color, get_palette, make_composite, variance_to_color
+# Names are imported on first use (as furnace.methods does), so that importing
+# furnace.eval.cli for ``eval.py --help`` does not import torch.
+_LAZY = {
+    "Prediction": "evaluator", "SegEvaluator": "evaluator", "WindowGrid": "evaluator",
+    "normalization_lut": "evaluator", "sliding_windows": "evaluator",
+    "ConfusionMatrix": "metrics", "compute_metrics": "metrics",
+    "confusion_histogram": "metrics", "format_results": "metrics",
+    "available_epochs": "snapshots", "checkpoint_epoch": "snapshots",
+    "resolve_checkpoints": "snapshots", "UncertaintyMeter": "uncertainty",
+    "format_uncertainty": "uncertainty", "save_reliability_diagram": "uncertainty",
+    "colorize": "visualize", "error_to_color": "visualize", "get_palette": "visualize",
+    "make_composite": "visualize", "variance_to_color": "visualize",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ConfusionMatrix", "Prediction", "SegEvaluator", "UncertaintyMeter", "WindowGrid",

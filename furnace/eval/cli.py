@@ -25,15 +25,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from furnace.config import ConfigError, checkpoint_config, load_config
-from furnace.data import DataError, build_eval_dataset
-from furnace.data.demo import prepare_from_config
 
-from .loop import EvalError
-from .metrics import compute_metrics, format_results
-from .runner import MethodModel, evaluate_checkpoint, parse_devices
-from .snapshots import resolve_checkpoints
-from .uncertainty import UncertaintyMeter, format_uncertainty, save_reliability_diagram
-from .visualize import get_class_names
+# The rest of the evaluation stack (torch, OpenCV) is imported where it is used, so that
+# ``eval.py --help`` and ``--print-config`` answer at once, as train.py's do.
 
 
 # ----------------------------------------------------------------------------- logs
@@ -126,7 +120,16 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
     ``uncertainty``: add ``uncertainty`` (:meth:`UncertaintyMeter.compute`),
     ``uncertainty_text`` and ``reliability_png`` to each dict, the table to the output and log.
     """
+    from furnace.data import build_eval_dataset
+    from furnace.data.demo import prepare_from_config
     from furnace.engine.checkpoint import checkpoint_method, load_file
+
+    from .loop import EvalError
+    from .metrics import compute_metrics, format_results
+    from .runner import MethodModel, evaluate_checkpoint, parse_devices
+    from .snapshots import resolve_checkpoints
+    from .uncertainty import UncertaintyMeter, format_uncertainty, save_reliability_diagram
+    from .visualize import get_class_names
     if protocol not in PROTOCOLS:
         raise EvalError(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
     devices = list(devices) if devices else parse_devices(None)
@@ -199,7 +202,6 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object
         print(f"error: -p {args.save_path} is a file; -p takes the folder the images go to "
               "(it is created if missing)", file=sys.stderr)
         sys.exit(2)
-    from furnace.engine.checkpoint import CheckpointError
     try:
         from furnace.engine.cli import log_legacy_env
         log_legacy_env()
@@ -209,12 +211,13 @@ def main(exp_dir, argv: Optional[Sequence[str]] = None) -> List[Dict[str, object
             from furnace.engine.cli import config_lines
             print("\n".join(config_lines(C)))
             return []
+        from .runner import parse_devices
         devices = parse_devices(args.devices)
         return run(C, args.epochs, devices, verbose=args.verbose,
                    save_images=args.save_images, save_path=args.save_path,
                    uncertainty=args.uncertainty, trust_pickle=args.trust_pickle,
                    overrides=args.overrides, protocol=args.protocol)
-    except (ConfigError, DataError, CheckpointError, EvalError, FileNotFoundError,
-            ValueError, OSError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
+        # DataError, CheckpointError and EvalError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
