@@ -16,6 +16,7 @@ files stored NumPy RNG arrays) load only with ``trust_pickle=True`` (``--trust-p
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -65,47 +66,40 @@ def _write_failed(path: Path, e: BaseException) -> CheckpointError:
         f"intact. Free space or fix permissions in {path.parent}, then resume with -c last")
 
 
-def atomic_save(obj: Any, path: os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
-
-    A process killed mid-write leaves the previous file untouched (rename is atomic). A failed
-    write (full disk, file size limit, permissions) removes the temporary file and raises
-    :class:`CheckpointError` naming the file.
-    """
-    path = Path(path)
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """A temporary file beside ``path`` (yielded) that replaces ``path`` by an atomic rename
+    when the block ends. A failed write (full disk, file size limit, permissions) removes the
+    temporary and raises :class:`CheckpointError` naming ``path``."""
     tmp = _tmp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         raise _write_failed(path, e) from None
     finally:
-        try:
+        with contextlib.suppress(OSError):
             if tmp.exists():
                 tmp.unlink()
-        except OSError:
-            pass
+
+
+def atomic_save(obj: Any, path: os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    A process killed mid-write leaves the previous file untouched (rename is atomic); a failed
+    write is one :class:`CheckpointError` and leaves no temporary.
+    """
+    with _atomic_file(Path(path)) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_copy(src: os.PathLike, dst: os.PathLike) -> None:
     """Copy ``src`` to ``dst`` through a temporary file and an atomic rename."""
-    dst = Path(dst)
-    tmp = _tmp_path(dst)
-    try:
+    with _atomic_file(Path(dst)) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as e:
-        raise _write_failed(dst, e) from None
-    finally:
-        try:
-            if tmp.exists():
-                tmp.unlink()
-        except OSError:
-            pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -366,7 +360,6 @@ def restore_training(method, ckpt: Mapping[str, Any], path: os.PathLike, scaler=
 def _numpy_arrays_allowed():
     """Allow plain NumPy arrays in safe loading (format-1 files store the NumPy RNG state as
     one); they are data, rebuilt without running code. A no-op before torch 2.5."""
-    import contextlib
     safe = getattr(torch.serialization, "safe_globals", None)
     if safe is None:
         return contextlib.nullcontext()
