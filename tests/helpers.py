@@ -2,8 +2,12 @@
 import hashlib
 import os
 import runpy
+import signal
 import socket
+import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import cv2
@@ -99,3 +103,37 @@ def run_script(path, args, monkeypatch):
     """Run an experiment script as ``python path args...`` in this process."""
     monkeypatch.setattr(sys, "argv", [str(path)] + list(args))
     runpy.run_path(str(path), run_name="__main__")
+
+
+_STALLING_SAVE = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+from furnace.engine.checkpoint import atomic_save, save_checkpoint
+
+class Slow:
+    # pickling this stalls the save mid-write, after telling the parent
+    def __reduce__(self):
+        print("writing", flush=True)
+        time.sleep(60)
+        return (int, (0,))
+
+"""
+
+
+def kill_while_saving(calls: str, during=None) -> None:
+    """Run ``calls`` (Python using ``atomic_save``/``save_checkpoint`` and ``Slow()``, an
+    object whose pickling stalls) in a child process and SIGKILL it mid-write; ``during()``
+    runs just before the kill."""
+    root = Path(__file__).resolve().parent.parent
+    script = _STALLING_SAVE.format(root=str(root)) + textwrap.dedent(calls)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(0.2)
+        if during is not None:
+            during()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,15 +1,10 @@
 """Checkpoint I/O: atomic writes survive a kill, keep-last-K, tolerant and strict reads."""
 import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import kill_while_saving
 from furnace.engine import checkpoint as ck
 
 
@@ -21,33 +16,17 @@ def test_save_writes_epoch_and_last_and_keeps_k(tmp_path):
     assert ck.load_file(tmp_path / "epoch-last.pth")["epoch"] == 4
 
 
+def assert_writing(folder):
+    assert any(n.startswith(".epoch-2.pth.tmp") for n in os.listdir(folder))
+
+
 def test_killed_while_saving_leaves_last_loadable(tmp_path):
     # A child saves epoch 1, then starts saving epoch 2 with an object whose pickling stalls;
     # we SIGKILL it mid-write. epoch-last.pth must still be the complete epoch-1 file.
-    script = textwrap.dedent(f"""
-        import sys, time, torch
-        sys.path.insert(0, {str(ROOT)!r})
-        from furnace.engine.checkpoint import save_checkpoint
-
-        class Slow:
-            def __reduce__(self):
-                print("writing", flush=True)
-                time.sleep(60)
-                return (int, (0,))
-
+    kill_while_saving(f"""
         save_checkpoint({str(tmp_path)!r}, 1, {{"epoch": 1, "w": torch.ones(1000)}})
         save_checkpoint({str(tmp_path)!r}, 2, {{"epoch": 2, "w": torch.ones(10**6), "s": Slow()}})
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "writing"
-        time.sleep(0.2)
-        assert any(n.startswith(".epoch-2.pth.tmp") for n in os.listdir(tmp_path))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    """, during=lambda: assert_writing(tmp_path))
     last = ck.load_file(tmp_path / "epoch-last.pth")
     assert last["epoch"] == 1 and torch.equal(last["w"], torch.ones(1000))
     assert not (tmp_path / "epoch-2.pth").exists()

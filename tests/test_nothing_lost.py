@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers import make_voc, run_script
+from helpers import kill_while_saving, make_voc, run_script
 from furnace.config import ConfigError, load_config
 from furnace.engine import checkpoint as ck
 from furnace.engine.runlock import run_guard
@@ -268,27 +268,9 @@ def test_next_run_removes_temporaries_of_killed_saves_only(tmp_path, caplog):
     snap = tmp_path / "log" / "snapshot"
     snap.mkdir(parents=True)
     # a save killed by SIGKILL mid-write (as in test_killed_while_saving_leaves_last_loadable)
-    script = textwrap.dedent(f"""
-        import sys, time, torch
-        sys.path.insert(0, {str(ROOT)!r})
-        from furnace.engine.checkpoint import atomic_save
-
-        class Slow:
-            def __reduce__(self):
-                print("writing", flush=True)
-                time.sleep(60)
-                return (int, (0,))
+    kill_while_saving(f"""
         atomic_save({{"w": torch.ones(10**6), "s": Slow()}}, {str(snap / 'epoch-2.pth')!r})
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "writing"
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     killed = [n for n in os.listdir(snap) if n.startswith(".epoch-2.pth.tmp")]
     assert killed, "the killed save left no temporary to test with"
     dead = snap / f".epoch-3.pth.tmp{_dead_pid()}"
