@@ -13,6 +13,9 @@ Two modes:
   (its mask multiplies ``label == c`` by ``label != c``); an unlabelled negative of c must have
   pseudo label c; the loss loop takes anchors and prototype of class index k but negatives of
   queue ``valid_classes[k]``; 256 anchors x 50 negatives.
+  Its labels enter as the one-hot of its ``label_onehot``, which holds the union of the
+  batch's labels in image 0 and zeros elsewhere (:func:`label_onehot` with ``union=True``,
+  spec 10.1), computed per reference GPU.
 * ``paper`` (Eqs. 14-15 and Algorithm 1): labelled negatives of c are pixels with another
   label whose teacher ranks c among the top ``low_rank``; unlabelled negatives have no label
   condition; the loop uses the valid class ids; the prototype averages the anchors' teacher

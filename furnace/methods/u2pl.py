@@ -5,7 +5,7 @@ One iteration (spec 3.4), after the warm-start epochs:
 
 1. the teacher (eval mode) labels the unlabelled batch: pseudo labels and confidences;
 2. with probability ``cutmix_prob`` the whole batch is CutMixed, image i taking one box
-   covering half its area from image i+1 (images, labels and confidences alike);
+   covering half its area from the next image of its reference group (images and labels);
 3. the student runs on [labelled ; mixed]: supervised CE (or OHEM + 0.4 aux) on the labelled
    part; the teacher runs again on the same batch in train mode without grad (its BN
    statistics and dropout are live; its entropy, class ranks, probabilities and features
@@ -14,6 +14,11 @@ One iteration (spec 3.4), after the warm-start epochs:
    kappa_e = 100 - 20 (1 - e/E), times B*H*W / kept (quirk 8);
 5. the contrastive loss (furnace.losses.contrastive) with the memory queues;
 6. loss = sup + unsup + w_c contrastive, then the teacher follows the student by EMA.
+
+Every per-GPU quantity of the reference (spec 10.2: percentiles, the one-hot union of its
+``label_onehot``, the contrastive loss with V and its draws, OHEM's min_kept, the losses'
+means) is computed per reference group (``ctx.groups``, from ``reference_gpus``), and the
+process loss is the mean over its groups, so any launch trains as the reference's GPUs did.
 
 Warm start: for ``sup_only_epoch`` epochs the student learns from labelled data only and the
 teacher only runs train-mode passes on the labelled batch (its BN statistics). During the
