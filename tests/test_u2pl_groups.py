@@ -51,7 +51,10 @@ def test_reference_groups_split_and_errors():
     g = reference_groups(4, 16, world_size=2, rank=1)
     assert g == ReferenceGroups(per_process=2, first=2, total=4)
     assert list(g.indices) == [2, 3]
-    assert [t.tolist() for t in g.split(torch.arange(8))] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    x = torch.arange(8)
+    assert [x[sl].tolist() for sl in g.slices(8)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(GroupError, match="a batch of 7 images does not split into 2"):
+        g.slices(7)
     assert reference_groups(None, 8, world_size=2, rank=0) == ReferenceGroups(1, 0, 2)
     with pytest.raises(GroupError, match="launch 1, 2, 4 processes"):
         reference_groups(4, 16, world_size=3)

@@ -273,12 +273,10 @@ def unreliable_contrastive_loss(rep: torch.Tensor, rep_teacher: torch.Tensor,
         (loss 0-d with grad into ``rep`` only, :class:`ContrastiveStats`).
     """
     C = prob_l.shape[1]
-    with torch.no_grad():
-        masks = contrastive_masks(label_onehot(label_l, C, ignore_index, union),
-                                  label_onehot(label_u, C, ignore_index, union),
-                                  prob_l, prob_u, low_u, high_u, mode=mode,
-                                  low_rank=low_rank, high_rank=high_rank, delta_p=delta_p,
-                                  delta_n=delta_n)
+    masks = contrastive_masks(label_onehot(label_l, C, ignore_index, union),
+                              label_onehot(label_u, C, ignore_index, union),
+                              prob_l, prob_u, low_u, high_u, mode=mode, low_rank=low_rank,
+                              high_rank=high_rank, delta_p=delta_p, delta_n=delta_n)
     bank.push(negative_keys(rep_teacher, masks))
     return contrastive_from_masks(rep, rep_teacher, masks, bank, mode=mode,
                                   num_queries=num_queries, num_negatives=num_negatives,

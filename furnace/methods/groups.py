@@ -8,7 +8,7 @@ stream is split into W groups of ``batch_size / W`` images, and each process hol
 ``reference_gpus=None`` means one group per process (the run's own batching).
 
 Torch-free: the engine builds a :class:`ReferenceGroups` for each process and passes it to the
-method in its context; the method splits its per-process batch with :meth:`split`.
+method in its context; the method splits its per-process batch with :meth:`slices`.
 """
 from __future__ import annotations
 
@@ -36,17 +36,11 @@ class ReferenceGroups:
         """Global indices of this process's groups, in batch order."""
         return range(self.first, self.first + self.per_process)
 
-    def split(self, x) -> List:
-        """``x`` [B, ...] (a tensor: anything with ``split``) -> ``per_process`` views of
-        B / per_process images each, in batch order."""
-        n = x.shape[0]
+    def slices(self, n: int) -> List[slice]:
+        """The index ranges of the groups of a batch of ``n`` images, in batch order."""
         if n % self.per_process:
             raise GroupError(f"a batch of {n} images does not split into {self.per_process} "
                              "reference groups")
-        return list(x.split(n // self.per_process))
-
-    def slices(self, n: int) -> List[slice]:
-        """The index ranges of the groups of a batch of ``n`` images."""
         size = n // self.per_process
         return [slice(g * size, (g + 1) * size) for g in range(self.per_process)]
 
@@ -70,4 +64,3 @@ def reference_groups(reference_gpus: Optional[int], batch_size: int, world_size:
                          "(each holds whole groups), or change reference_gpus")
     per = W // world_size
     return ReferenceGroups(per_process=per, first=rank * per, total=W)
-
