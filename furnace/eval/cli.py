@@ -115,8 +115,8 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
     [0, 1]), iou (list [C]), hist (int64 [C, C]), text (the result block) and save_dir.
     ``devices``: torch device strings (several: one process each, e.g. ['cpu', 'cpu']).
     ``model_factory(C)``: builds the network (default: the evaluation network of the method
-    recorded in each checkpoint, see :func:`build_model`). ``trust_pickle``: allow legacy
-    checkpoints that need full unpickling (files you trust only).
+    recorded in each checkpoint, :func:`furnace.eval.runner.build_model`). ``trust_pickle``:
+    allow legacy checkpoints that need full unpickling (files you trust only).
     ``uncertainty``: add ``uncertainty`` (:meth:`UncertaintyMeter.compute`),
     ``uncertainty_text`` and ``reliability_png`` to each dict, the table to the output and log.
     """
