@@ -6,7 +6,11 @@
 Trains, on DATA/demo at 1/ratio labels with the exp_demo settings (plus --set), every method of
 --methods for every seed, evaluates each on the val list and writes <out>.md (per-seed values
 and mean ± std over seeds of mIoU, pixel accuracy and train time) and <out>.png (mIoU bars with
-the std as error bars). Methods:
+the std as error bars). With the rows `sup` and `full` present, each method also gets its share
+of the gap recovered, (method - sup) / (full - sup) per seed (0 = supervised on the labelled
+subset, 100 % = supervised on every label), its mean ± std, and in how many seeds it is ahead
+of `sup`. Rows with more seeds than others: run the script once per seed list into the same
+--out, then tabulate them together with --cached-only --seeds <all of them>. Methods:
 
     sup      supervised only, on the labelled subset
     cpcl     CPCL: both DUEB loss switches off
@@ -79,20 +83,46 @@ def mean_std(values) -> str:
     return f"{m:.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{m:.2f}"
 
 
+def gap_shares(rows, method, seeds) -> dict:
+    """{seed: share of the gap recovered} for the seeds that have the method, the supervised
+    subset ('sup') and the supervised all-labels ('full') rows:
+    (method - sup) / (full - sup), so 0 = supervised subset and 1 = every label."""
+    by = {(r["method"], r["seed"]): r["miou"] for r in rows}
+    out = {}
+    for s in seeds:
+        if all((m, s) in by for m in (method, "sup", "full")) and by["full", s] != by["sup", s]:
+            out[s] = (by[method, s] - by["sup", s]) / (by["full", s] - by["sup", s])
+    return out
+
+
 def table(rows, methods, seeds, header: str) -> str:
+    share_cols = any(gap_shares(rows, m, seeds) for m in methods)
     lines = ["| method | " + " | ".join(f"mIoU seed {s}" for s in seeds)
-             + " | mIoU (%) mean ± std | pixel acc. (%) | train time (s) |",
-             "|---|" + "---:|" * (len(seeds) + 3)]
+             + " | mIoU (%) mean ± std"
+             + (" | " + " | ".join(f"gap share seed {s}" for s in seeds)
+                + " | gap share mean ± std | ahead of sup. subset" if share_cols else "")
+             + " | pixel acc. (%) | train time (s) |",
+             "|---|" + "---:|" * (len(seeds) + 3 + ((len(seeds) + 2) if share_cols else 0))]
+    by = {(r["method"], r["seed"]): r["miou"] for r in rows}
     for m in methods:
         r = {row["seed"]: row for row in rows if row["method"] == m}
         if not r:
             continue
         got = [r[s] for s in seeds if s in r]
-        lines.append(f"| {METHODS[m][0]} | "
-                     + " | ".join(f"{r[s]['miou']:.2f}" if s in r else "–" for s in seeds)
-                     + f" | {mean_std([x['miou'] for x in got])}"
-                     + f" | {mean_std([x['pixel_acc'] for x in got])}"
-                     + f" | {statistics.mean(x['train_s'] for x in got):.0f} |")
+        line = (f"| {METHODS[m][0]} | "
+                + " | ".join(f"{r[s]['miou']:.2f}" if s in r else "–" for s in seeds)
+                + f" | {mean_std([x['miou'] for x in got])}")
+        if share_cols:
+            sh = gap_shares(rows, m, seeds)
+            both = [s for s in seeds if (m, s) in by and ("sup", s) in by]
+            ahead = sum(by[m, s] > by["sup", s] for s in both)
+            line += (" | " + " | ".join(f"{100 * sh[s]:.0f} %" if s in sh else "–"
+                                        for s in seeds)
+                     + (f" | {mean_std([100 * v for v in sh.values()])} %" if sh else " | –")
+                     + (f" | {ahead}/{len(both)} seeds" if both and m != "sup" else " | –"))
+        line += (f" | {mean_std([x['pixel_acc'] for x in got])}"
+                 + f" | {statistics.mean(x['train_s'] for x in got):.0f} |")
+        lines.append(line)
     return header + "\n".join(lines) + "\n"
 
 

@@ -142,6 +142,7 @@ def base_config() -> Config:
     C.stem = "deep"
     C.output_stride = 16
     C.head_channels = 256                      # ASPP/decoder width (256 = reference)
+    C.backbone_width = 64                      # ResNet layer1 width (64 = reference)
     C.pretrained_model = data_root("pytorch-weight", "resnet50_v1c.pth")
     C.pretrained_strict = True
     C.bn_eps = 1e-5
@@ -471,6 +472,7 @@ def validate(C: Config) -> None:
     integer("snapshot_keep", 1, optional=True, fix="none keeps every epoch file")
     integer("stop_after_epoch", 0, optional=True)
     integer("head_channels", 1)
+    integer("backbone_width", 1, fix="64 is the reference ResNet")
     integer("snapshot_every_iters", 0, fix="0 saves only after epochs")
     integer("eval_every", 0, fix="0 turns validation during training off")
     integer("reference_gpus", 1, optional=True, fix="none: one group per process")
@@ -665,7 +667,7 @@ def load_config(exp_dir: os.PathLike, overrides: Iterable[str] = (),
 #: Keys that decide which network a checkpoint holds, besides every method option group
 #: (``dueb``, ``aleatoric``, ``energy``, ``u2pl``, ...): eval.py takes them from the checkpoint.
 NETWORK_KEYS = ("method", "supervised_only", "num_classes", "class_names", "backbone", "stem",
-                "output_stride", "head_channels", "bn_eps", "bn_momentum")
+                "output_stride", "head_channels", "backbone_width", "bn_eps", "bn_momentum")
 #: The validation protocol a run used: eval.py's default is the checkpoint's.
 PROTOCOL_KEYS = ("eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scale_array",
                  "eval_flip", "eval_branch", "eval_average", "eval_label_pad", "image_mean",

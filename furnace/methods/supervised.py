@@ -50,7 +50,7 @@ def one_branch_from_config(C: Config, pretrained: bool = True) -> OneBranchNetwo
         C.num_classes, C.backbone, C.output_stride, stem=C.stem,
         pretrained=C.pretrained_model if pretrained else None,
         pretrained_strict=C.pretrained_strict, head_channels=C.head_channels,
-        norm_layer=norm_from_config(C)))
+        norm_layer=norm_from_config(C), backbone_width=C.get("backbone_width", 64)))
 
 
 @register

@@ -64,6 +64,7 @@ class SingleNetwork(nn.Module):
             passes False and initialises both branches after building both, as the reference.
         head_channels: ASPP and decoder width (256 = reference); smaller widths make CPU-sized
             runs (the demo) cheaper.
+        backbone_width: the ResNet's layer1 width (64 = reference; see ``ResNet``'s ``width``).
 
     ``forward(x)`` works in train and eval mode alike and returns ``(feature, logits, var)``:
     x [B,3,H,W] -> feature [B,head_channels,ceil(H/4),ceil(W/4)], logits [B,C,H,W]
@@ -73,7 +74,8 @@ class SingleNetwork(nn.Module):
     def __init__(self, num_classes: int, backbone: str = "resnet50", output_stride: int = 16,
                  *, stem: str = "deep", norm_layer=nn.BatchNorm2d, learn_variance: bool = False,
                  pretrained: Optional[PathLike] = None, pretrained_strict: bool = True,
-                 init_head: bool = True, head_channels: int = 256) -> None:
+                 init_head: bool = True, head_channels: int = 256,
+                 backbone_width: int = 64) -> None:
         super().__init__()
         _check_arguments(num_classes, backbone, output_stride, stem)
         if isinstance(head_channels, bool) or not isinstance(head_channels, int) \
@@ -86,7 +88,7 @@ class SingleNetwork(nn.Module):
 
         block, layers = RESNET_SPECS[backbone]
         self.backbone = ResNet(block, layers, stem=stem, output_stride=output_stride,
-                               norm_layer=norm_layer)
+                               norm_layer=norm_layer, width=backbone_width)
         if pretrained is not None and str(pretrained) != "":
             load_backbone_weights(self.backbone, pretrained, strict=pretrained_strict)
 
@@ -187,7 +189,7 @@ def build_network(num_classes: int, backbone: str = "resnet50", output_stride: i
                   pretrained: Optional[PathLike] = None, *, stem: str = "deep",
                   eval_branch: Union[int, str] = 1, learn_variance: bool = False,
                   pretrained_strict: bool = True, head_channels: int = 256,
-                  norm_layer=nn.BatchNorm2d) -> DualBranchNetwork:
+                  norm_layer=nn.BatchNorm2d, backbone_width: int = 64) -> DualBranchNetwork:
     """Build the DUEB dual-branch network.
 
     Args:
@@ -202,6 +204,7 @@ def build_network(num_classes: int, backbone: str = "resnet50", output_stride: i
         head_channels: ASPP and decoder width (256 = reference).
         norm_layer: normalisation layer for backbone and head (SyncBN is applied later by
             ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``).
+        backbone_width: the ResNet's layer1 width (64 = reference).
 
     As in the reference, both branches are built first (PyTorch default init, pretrained
     weights) and the heads are then initialised, branch 1 before branch 2, so a fixed
@@ -211,7 +214,7 @@ def build_network(num_classes: int, backbone: str = "resnet50", output_stride: i
     _check_choice("eval_branch", eval_branch, EVAL_BRANCHES)
     kwargs = dict(stem=stem, norm_layer=norm_layer, learn_variance=learn_variance,
                   pretrained=pretrained, pretrained_strict=pretrained_strict, init_head=False,
-                  head_channels=head_channels)
+                  head_channels=head_channels, backbone_width=backbone_width)
     branch1 = SingleNetwork(num_classes, backbone, output_stride, **kwargs)
     branch2 = SingleNetwork(num_classes, backbone, output_stride, **kwargs)
     branch1.init_head_weights()
@@ -231,11 +234,12 @@ def norm_from_config(C):
 def network_from_config(C, pretrained: bool = True) -> "DualBranchNetwork":
     """The dual-branch network an experiment config describes (keys ``num_classes``,
     ``backbone``, ``output_stride``, ``stem``, ``eval_branch``, ``aleatoric.learn_variance``,
-    ``pretrained_model``, ``pretrained_strict``, ``head_channels``, ``bn_eps``,
-    ``bn_momentum``). ``pretrained=False`` skips the ImageNet
+    ``pretrained_model``, ``pretrained_strict``, ``head_channels``, ``backbone_width``,
+    ``bn_eps``, ``bn_momentum``). ``pretrained=False`` skips the ImageNet
     weights (evaluation loads a checkpoint over them anyway)."""
     return build_network(C.num_classes, C.backbone, C.output_stride,
                          C.pretrained_model if pretrained else None, stem=C.stem,
                          eval_branch=C.eval_branch, learn_variance=C.aleatoric.learn_variance,
                          pretrained_strict=C.pretrained_strict,
-                         head_channels=C.head_channels, norm_layer=norm_from_config(C))
+                         head_channels=C.head_channels, norm_layer=norm_from_config(C),
+                         backbone_width=C.get("backbone_width", 64))

@@ -163,6 +163,8 @@ class ResNet(nn.Module):
         dilate_first_block: False leaves layer3's block 0 undilated at output stride 8.
         ceil_pool: the stem max-pool rounds up (``ceil_mode=True``).
         in_chans: input channels of the stem's first convolution.
+        width: channels of layer1's blocks (64 = the reference); the stages have width x
+            (1, 2, 4, 8) and the stem scales with it (a CPU-sized option, e.g. the demo's 16).
 
     Attributes:
         out_channels: channels of the four stage outputs, e.g. ``[256, 512, 1024, 2048]``.
@@ -171,14 +173,17 @@ class ResNet(nn.Module):
 
     def __init__(self, block: Block, layers: Sequence[int], *, stem: str = "deep",
                  output_stride: int = 16, norm_layer: NormLayer = nn.BatchNorm2d,
-                 stem_width: int = 64, dilate_first_block: bool = True,
-                 ceil_pool: bool = False, in_chans: int = 3) -> None:
+                 stem_width: Optional[int] = None, dilate_first_block: bool = True,
+                 ceil_pool: bool = False, in_chans: int = 3, width: int = 64) -> None:
         super().__init__()
         if stem not in ("deep", "classic"):
             raise ValueError(f"stem must be 'deep' or 'classic', got {stem!r}")
         if len(layers) != 4:
             raise ValueError(f"layers must list 4 stage depths, got {list(layers)}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive integer, got {width!r}")
         plan = _stage_plan(output_stride, dilate_first_block)
+        stem_width = width if stem_width is None else stem_width
         self.stem = stem
         self.output_stride = output_stride
 
@@ -194,19 +199,21 @@ class ResNet(nn.Module):
             )
             self.inplanes = 2 * stem_width
         else:
-            self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            self.inplanes = 64
+            self.conv1 = nn.Conv2d(in_chans, stem_width, kernel_size=7, stride=2, padding=3,
+                                   bias=False)
+            self.inplanes = stem_width
         self.bn1 = norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         # ceil_mode only matters for an even-sized stem output (e.g. 256 from a 512 input, pooled
         # to 129 instead of 128); U2PL rounds up so that 512 and 513 crops share one grid.
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1, ceil_mode=ceil_pool)
 
-        self.layer1 = self._make_layer(block, 64, layers[0], *plan[0], norm_layer)
-        self.layer2 = self._make_layer(block, 128, layers[1], *plan[1], norm_layer)
-        self.layer3 = self._make_layer(block, 256, layers[2], *plan[2], norm_layer)
-        self.layer4 = self._make_layer(block, 512, layers[3], *plan[3], norm_layer)
-        self.out_channels = [p * block.expansion for p in (64, 128, 256, 512)]
+        planes = [width * k for k in (1, 2, 4, 8)]
+        self.layer1 = self._make_layer(block, planes[0], layers[0], *plan[0], norm_layer)
+        self.layer2 = self._make_layer(block, planes[1], layers[1], *plan[1], norm_layer)
+        self.layer3 = self._make_layer(block, planes[2], layers[2], *plan[2], norm_layer)
+        self.layer4 = self._make_layer(block, planes[3], layers[3], *plan[3], norm_layer)
+        self.out_channels = [p * block.expansion for p in planes]
 
     def _make_layer(self, block: Block, planes: int, blocks: int, stride: int,
                     dilation_of: Callable[[int], int], norm_layer: NormLayer) -> nn.Sequential:

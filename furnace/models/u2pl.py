@@ -192,7 +192,8 @@ class U2PLNetwork(nn.Module):
                  norm_layer=nn.BatchNorm2d, inner_planes: int = 256,
                  dilations: Sequence[int] = (12, 24, 36), rep_head: bool = True,
                  rep_dim: int = 256, aux: bool = False,
-                 pretrained: Optional[PathLike] = None, pretrained_strict: bool = True) -> None:
+                 pretrained: Optional[PathLike] = None, pretrained_strict: bool = True,
+                 backbone_width: int = 64) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
@@ -208,7 +209,7 @@ class U2PLNetwork(nn.Module):
         block, layers = RESNET_SPECS[backbone]
         # torchvision's dilation convention and a ceil-mode stem pool (U2PL's backbone)
         self.encoder = ResNet(block, layers, stem=stem, output_stride=8, norm_layer=norm_layer,
-                              dilate_first_block=False, ceil_pool=True)
+                              dilate_first_block=False, ceil_pool=True, width=backbone_width)
         if pretrained is not None and str(pretrained) != "":
             load_backbone_weights(self.encoder, pretrained, strict=pretrained_strict)
 
@@ -256,7 +257,8 @@ class U2PLNetwork(nn.Module):
 def u2pl_network_from_config(C, pretrained: bool = True) -> U2PLNetwork:
     """The U2PL network an experiment config describes.
 
-    Keys: ``num_classes``, ``backbone``, ``stem``, ``head_channels`` (-> ``inner_planes``),
+    Keys: ``num_classes``, ``backbone``, ``backbone_width``, ``stem``, ``head_channels``
+    (-> ``inner_planes``),
     ``u2pl.rep_head``, ``u2pl.rep_dim``, ``u2pl.aux_weight`` (> 0 builds the aux head),
     ``pretrained_model``, ``pretrained_strict``, and ``bn_eps`` / ``bn_momentum`` through
     :func:`~furnace.models.network.norm_from_config`. ``pretrained=False`` skips the ImageNet
@@ -267,4 +269,5 @@ def u2pl_network_from_config(C, pretrained: bool = True) -> U2PLNetwork:
                        inner_planes=C.head_channels, rep_head=u.rep_head, rep_dim=u.rep_dim,
                        aux=u.aux_weight > 0,
                        pretrained=C.pretrained_model if pretrained else None,
-                       pretrained_strict=C.pretrained_strict)
+                       pretrained_strict=C.pretrained_strict,
+                       backbone_width=C.get("backbone_width", 64))
