@@ -31,7 +31,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
+from typing import Any, Iterable, Mapping, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
