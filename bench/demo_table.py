@@ -198,7 +198,8 @@ def main(argv=None) -> int:
               f"{C.num_train_imgs + C.num_unsup_imgs} images), {C.backbone} from scratch, "
               f"head_channels {C.head_channels}, {C.nepochs} x {C.niters_per_epoch} iterations "
               f"at batch {C.batch_size}, crop {C.image_height}, lr {C.lr}, aleatoric terms from "
-              f"iteration {C.aleatoric.start_iter}, device {device}. Command: `{command}`.\n\n")
+              f"iteration {C.dueb.aleatoric.start_iter}, device {device}. "
+              f"Command: `{command}`.\n\n")
     text = table(rows, args.methods, args.seeds, header)
     print(text)
     out.with_suffix(".md").write_text(text)

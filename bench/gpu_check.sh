@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU evidence in one run (at most ~8 minutes on one CUDA GPU): the tests that touch CUDA paths,
-# bench/train_step.py on CUDA (the fp32 default against amp=bf16, and bf16 + fuse_passes) and
+# bench/train_step.py on CUDA (the fp32 default against amp=bf16, and bf16 + dueb.fuse_passes) and
 # bench/eval.py on CUDA. Everything goes to one file: $OUT/gpu_check.txt when $OUT is set (the device tool),
 # else bench/gpu_check_results.txt.
 #
@@ -37,7 +37,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 # device parsing, the end-to-end train/eval runs pick GPU 0 by default).
 section "pytest (CUDA paths)" 180 "$PY" -m pytest -q -x tests/test_losses_props.py \
     tests/test_eval_sliding.py tests/test_eval_cli.py tests/test_train.py
-section "bench/train_step.py (CUDA: fp32 faithful default against bf16, bf16 + fuse_passes)" 180 "$PY" \
+section "bench/train_step.py (CUDA: fp32 faithful default against bf16, bf16 + dueb.fuse_passes)" 180 "$PY" \
     bench/train_step.py --device cuda --configs resnet50:256 resnet50:512 --repeat 5
 section "bench/eval.py (CUDA, ResNet-50, 512x1024, crop 512)" 90 "$PY" bench/eval.py \
     --device cuda --reps 5

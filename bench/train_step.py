@@ -20,7 +20,7 @@ after one warm-up each. Peak memory: CPU, the profiler's allocation events (as i
 bench/losses.py: peak bytes allocated above the start of the step, weights and inputs
 excluded); CUDA, ``torch.cuda.max_memory_allocated`` above the starting allocation.
 On CUDA the speed option is measured against the faithful fp32 default in the same run: ours
-with bf16 autocast (``amp=bf16``), ours with ``fuse_passes`` and bf16, and U2PL with bf16.
+with bf16 autocast (``amp=bf16``), ours with ``dueb.fuse_passes`` and bf16, and U2PL with bf16.
 
 The ``u2pl`` row is one U2PL iteration after its warm start (``furnace.methods.u2pl``: teacher
 pass on the unlabelled batch, CutMix, student and train-mode teacher passes on [labelled ;
@@ -177,7 +177,7 @@ def bench_one(backbone, size, device, repeat, B=2):
         bf16 = torch.bfloat16
         for name, fuse in (("ours bf16", False), ("ours fused+bf16", True)):
             Cf = copy.deepcopy(C)
-            Cf.update(fuse_passes=fuse, amp="bf16")
+            Cf.dueb.fuse_passes, Cf.amp = fuse, "bf16"
             fmodel = copy.deepcopy(model)
             fopts = (make_optimizer(fmodel.branch1, C), make_optimizer(fmodel.branch2, C))
             fstep = DUEBStep(fmodel, Cf, batch_per_process=B, amp=bf16)

@@ -5,8 +5,8 @@
 Trains full DUEB (train.py: method dueb, preset full; exp_demo settings, at the config's
 labelled ratio unless --ratio; the code path of bench/demo_table.py and the experiment
 scripts: furnace.engine.trainer.train, furnace.eval.cli.run) with the variance head fixed
-(``aleatoric.learn_variance=false``, the reference: a random projection of trained features)
-and learned (``true``), once per seed; evaluates branch 1 with ``--uncertainty``; writes
+(``dueb.aleatoric.learn_variance=false``, the reference: a random projection of trained
+features) and learned (``true``), once per seed; evaluates branch 1 with ``--uncertainty``; writes
 img/uncertainty_table.md (AUROC of error detection of the four scores, AUPR of the variance,
 ECE, mIoU: mean ± sample std over seeds) and img/uncertainty_reliability.png, and prints the
 table.
@@ -67,8 +67,8 @@ def _config(args, seed, learn, log_dir):
     ratio = [f"labeled_ratio={args.ratio}"] if args.ratio else []
     return load_config(ROOT / "exp_demo",
                        [*ratio, f"seed={seed}", f"log_dir={log_dir}", "snapshot_keep=1",
-                        "tb_images_every=0", "eval_every=0", f"aleatoric.learn_variance={learn}",
-                        *args.overrides],
+                        "tb_images_every=0", "eval_every=0",
+                        f"dueb.aleatoric.learn_variance={learn}", *args.overrides],
                        env={}, preset=script_overrides(METHOD, PRESET))
 
 
@@ -108,7 +108,7 @@ def make_table(rows, args, C0, device) -> str:
     header = (f"Demo data, 1/{C0.labeled_ratio} labels ({C0.num_train_imgs} labelled images), DUEB "
               f"(train.py), {C0.backbone} from scratch, {C0.nepochs} x {C0.niters_per_epoch} "
               f"iterations at batch {C0.batch_size}, aleatoric terms from iteration "
-              f"{C0.aleatoric.start_iter}, branch 1 on the {C0.num_eval_imgs} val images, "
+              f"{C0.dueb.aleatoric.start_iter}, branch 1 on the {C0.num_eval_imgs} val images, "
               f"seeds {args.seeds}, device {device}; mean ± sample std over seeds. AUROC / "
               "AUPR: error detection, wrong pixel = positive (0.5 = chance for AUROC, the "
               "error rate for AUPR); ECE: 15 bins, softmax confidence.\n\n")

@@ -16,14 +16,13 @@ C.dataset_path = data_root("city")
 C.split_dir = "config_new/subset_train"
 C.eval_source = "config_new/val.txt"
 C.num_classes = 19
-C.background = 255
 C.total_train_imgs = 2975
 C.num_eval_imgs = 500
 C.labeled_ratio = 16
 C.nepochs = 150
 C.batch_size = 6
 C.lr = 0.01
-C.unsup_weight = 5.0
+C.dueb.unsup_weight = 5.0
 C.image_height = C.image_width = 800
 C.eval_crop_size = 800
 C.sup_loss = "ohem"              # OHEM, thresh 0.7, min_kept 50000 x batch

@@ -33,10 +33,10 @@ C.lr = 0.05                           # 0.1 did no better in a 200-iteration pro
 C.nepochs = 4
 C.niters_per_epoch = 100
 C.num_workers = 2
-C.aleatoric.samples = 10
+C.dueb.aleatoric.samples = 10
 # From scratch the clean CE starts above 1, where the faithful aleatoric loss pushes it up
 # (README, "The demo"), so the aleatoric terms start after the first epoch.
-C.aleatoric.start_iter = 100
+C.dueb.aleatoric.start_iter = 100
 C.snapshot_iter = 1
 C.eval_every = 2                      # validate after epochs 2 and 4 (log, tensorboard, best.pth)
 C.snapshot_from = -1

@@ -16,14 +16,13 @@ C.dataset_path = data_root("pascal_voc")   # DATA/pascal_voc (a nested pascal_vo
 C.split_dir = "subset_train_aug"
 C.eval_source = "val.txt"
 C.num_classes = 21
-C.background = 0
 C.total_train_imgs = 10582
 C.num_eval_imgs = 1449
 C.labeled_ratio = 4
 C.nepochs = 40
 C.batch_size = 8
 C.lr = 0.005
-C.unsup_weight = 1.0
+C.dueb.unsup_weight = 1.0
 C.image_height = C.image_width = 512
 C.eval_crop_size = 512
 C.sup_loss = "ce"

@@ -6,9 +6,17 @@ Scripts load it with :func:`load_config`, which applies, in order:
 
 1. the environment variables of the reference code (``volna``, ``snapshot_dir``,
    ``learning_rate``, ``batch_size``, ``snapshot_iter``, ``debug``),
-2. ``--set key=value`` overrides from the command line (nested keys as ``aleatoric.per_pixel``),
+2. ``--set key=value`` overrides from the command line (nested keys as
+   ``dueb.aleatoric.per_pixel``),
 3. derived values (split file names, image counts, iterations per epoch, OHEM ``min_kept``,
    log and snapshot paths), recomputed after the overrides unless a key was set explicitly.
+
+This module holds what every run shares (data, model, optimisation, checkpoints, evaluation).
+Each method's options are a group ``C.<method>`` declared beside the method, torch-free
+(:mod:`furnace.methods.options`: ``furnace/methods/dueb_options.py``, ``u2pl_options.py``):
+:func:`base_config` adds every registered group's defaults, :func:`validate` runs every
+group's checks, and the old top-level names a group declares keep working (see
+:class:`Config`). This module names no method.
 
 Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key.
 """
@@ -23,7 +31,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +41,16 @@ class ConfigError(ValueError):
 
 
 class Config(dict):
-    """A dict with attribute access (``C.lr`` is ``C['lr']``); nested Configs for sub-options."""
+    """A dict with attribute access (``C.lr`` is ``C['lr']``); nested Configs for sub-options.
+
+    Old names: a method's option group may declare aliases, top-level names its keys had
+    before they moved into the group (:mod:`furnace.methods.options`; DUEB's
+    ``C.unsup_weight`` is ``C.dueb.unsup_weight``). In a Config that holds that group,
+    reading, setting and ``in`` of an old name act on the group's key (attribute access,
+    ``[]``, ``get``, ``update``), so a config file, ``--set`` or an older checkpoint's config
+    that uses it sets the same value. Old names are not keys: iteration, ``to_dict`` and
+    ``--print-config`` show the new layout only.
+    """
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -48,12 +65,72 @@ class Config(dict):
     def __delattr__(self, name: str) -> None:
         del self[name]
 
+    def __missing__(self, key: Any) -> Any:
+        target = _alias(self, key)
+        if target is None:
+            raise KeyError(key)
+        group, leaf = target
+        return dict.__getitem__(self, group)[leaf]
+
+    def __contains__(self, key: Any) -> bool:
+        return dict.__contains__(self, key) or _alias(self, key) is not None
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        target = None if dict.__contains__(self, key) else _alias(self, key)
+        if target is None:
+            dict.__setitem__(self, key, value)
+        else:
+            dict.__getitem__(self, target[0])[target[1]] = value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
     def __deepcopy__(self, memo):
         return Config({k: copy.deepcopy(v, memo) for k, v in self.items()})
 
     def to_dict(self) -> dict:
         """Plain nested dicts (for checkpoints and logs)."""
         return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self.items()}
+
+
+def _aliases() -> Mapping[str, Tuple[str, str]]:
+    """Old top-level name -> (group, key in the group), as the method option groups declare
+    them (imported on first use: the registry imports config)."""
+    from .methods.options import aliases
+    return aliases()
+
+
+def _alias(C: Mapping, key: Any) -> Optional[Tuple[str, str]]:
+    """(group, key) that the old name ``key`` stands for in ``C``, or None (not an old name,
+    or ``C`` does not hold its group: nested groups never resolve them)."""
+    if not isinstance(key, str):
+        return None
+    target = _aliases().get(key)
+    if target is not None and isinstance(dict.get(C, target[0]), Mapping):
+        return target
+    return None
+
+
+def canonical_key(C: Mapping, key: str) -> str:
+    """The dotted key that ``key`` names in ``C``, its first part's old name resolved
+    (``aleatoric.per_pixel`` -> ``dueb.aleatoric.per_pixel``)."""
+    head, _, rest = key.partition(".")
+    target = _alias(C, head)
+    if target is None or dict.__contains__(C, head):
+        return key
+    return ".".join(target) + (f".{rest}" if rest else "")
 
 
 def data_root(*parts: str, env: Optional[Mapping[str, str]] = None) -> str:
@@ -70,7 +147,7 @@ def data_root(*parts: str, env: Optional[Mapping[str, str]] = None) -> str:
     return str(root.joinpath(*parts))
 
 
-# Keys restricted to a set of values.
+# Top-level keys restricted to a set of values (a method's group declares its own checks).
 CHOICES = {
     "dataset": ("voc", "city"),
     "backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
@@ -85,15 +162,19 @@ CHOICES = {
     "sup_loss": ("ce", "ohem"),
 }
 
-# Keys whose value may be None or a string.
-OPTIONAL_STR = ("onehot", "pretrained_model", "class_names", "train_source", "unsup_source",
-                "snapshot_dir", "device", "voc_train_folder")
-# Keys whose value may be None or an int (derived when None).
+# Top-level keys whose value may be None or a string.
+OPTIONAL_STR = ("pretrained_model", "class_names", "train_source", "unsup_source",
+                "snapshot_dir", "voc_train_folder")
+# Top-level keys whose value may be None or an int (derived when None).
 OPTIONAL_INT = ("num_train_imgs", "num_unsup_imgs", "max_samples", "niters_per_epoch",
                 "ohem_min_kept", "snapshot_keep", "snapshot_from", "stop_after_epoch",
-                "num_queries", "num_negatives", "reference_gpus")
-# Keys whose value may be None or a number.
-OPTIONAL_FLOAT = ("contrastive_weight",)
+                "reference_gpus")
+
+
+def _option_groups():
+    """The registered method option groups (``C.dueb``, ``C.u2pl``, ...), torch-free."""
+    from .methods.options import option_groups
+    return option_groups()
 
 
 def base_config() -> Config:
@@ -108,7 +189,6 @@ def base_config() -> Config:
     C.eval_source = "val.txt"
     C.class_names = None                       # None: the dataset's standard names
     C.num_classes = 21
-    C.background = 0
     C.total_train_imgs = 10582                 # size of the full training list
     C.num_eval_imgs = 1449
     C.labeled_ratio = 4
@@ -130,7 +210,8 @@ def base_config() -> Config:
     # train_scale_array (U2PL: [0.5, 2.0]), size int(h*s) x int(w*s)
     C.train_scale_mode = "choice"
     C.train_label_pad = 255                    # label of the crop padding (U2PL: 0)
-    # CutMix (REFERENCE 3.5)
+    # CutMix boxes of the data layer's stream unlabeled0 (REFERENCE 3.5; loader.cutmix_collate),
+    # which any method may declare (DUEB; U2PL draws its own boxes)
     C.cutmix_mask_prop_range = [0.25, 0.5]
     C.cutmix_boxmask_n_boxes = 3
     C.cutmix_boxmask_fixed_aspect_ratio = False
@@ -147,49 +228,18 @@ def base_config() -> Config:
     C.pretrained_strict = True
     C.bn_eps = 1e-5
     C.bn_momentum = 0.1
-    # losses
+    # supervised loss (methods.common.sup_criterion: DUEB, supervised; U2PL's own min_kept)
     C.sup_loss = "ce"                          # 'ce' (VOC) or 'ohem' (Cityscapes)
     C.ohem_thresh = 0.7
     C.ohem_min_kept_per_image = 50000          # min_kept = this * batch per process
     C.ohem_min_kept = None
     C.ohem_class_weight = False                # True: the 19 Cityscapes class weights
-    C.unsup_weight = 1.0
-    # start_iter: global iteration from which the aleatoric terms are added (0: from the
-    # first, as the reference). While the clean CE L0 is above about 1 (a network trained from
-    # scratch, early on), the faithful A pushes L0 up (its gradient on L0 is
-    # 1 + M - L0 * mean_t ELU'(d_t), negative there), so from-scratch runs start it later.
-    C.aleatoric = Config(enabled=True, samples=10, learn_variance=False, per_pixel=False,
-                         sup_weight=0.5, unsup_weight=1.0, start_iter=0)
-    C.energy = Config(enabled=True, sup_weight=0.5, unsup_weight=1.0)
-    # the method the engine trains (furnace/methods/: dueb, supervised, ...); DUEB's options
-    # are C.dueb.aleatoric / C.dueb.energy, the same groups as the legacy C.aleatoric / C.energy
+    # the method the engine trains (furnace/methods/: dueb, supervised, u2pl, ...)
     C.method = "dueb"
-    C.dueb = Config(aleatoric=C.aleatoric, energy=C.energy)
-    C.supervised_only = False                  # legacy: True selects method 'supervised'
-    # U2PL (methods u2pl and u2pl_suponly, spec methods/U2PL.md); defaults = its VOC code
-    C.u2pl = Config(
-        sup_only_epoch=1,              # warm-start epochs: student only, teacher BN passes
-        ema_decay=0.99,                # teacher = EMA of the student's parameters
-        head_lr_mult=10.0,             # decoder (+ aux) lr = lr x this (Cityscapes code: 1)
-        rep_head=True, rep_dim=256,    # representation head (SupOnly: no head)
-        aux_weight=0.0,                # > 0: auxiliary head on layer3 (Cityscapes: 0.4)
-        ohem_min_kept=100000,          # per reference group (GPU), as the reference (ohem)
-        cutmix_prob=0.5,               # one draw per step: CutMix the whole batch or not
-        drop_percent=80.0,             # percent of unlabelled pixels kept at epoch 0
-        unsup_weight=1.0,              # eta
-        unsup_weight_mode="reference",  # 'reference': x 1/kept-fraction; 'mean': plain mean
-        contrastive="reference",       # 'reference' (the code), 'paper' (Eqs. 14-15), 'off'
-        contrastive_weight=None,       # None: reference 1/reference_gpus, paper 0.1
-        onehot=None,                   # None: reference 'union' (label_onehot), paper 'exact'
-        low_entropy_threshold=20.0,    # alpha_0 (percent) of the anchor/negative masks
-        low_rank=3, high_rank=20,      # negatives: the teacher ranks c in [low, high)
-        delta_p=0.3, delta_n=1.0,      # anchor / negative probability thresholds
-        num_queries=None,              # anchors per class; None: reference 256, paper 50
-        num_negatives=None,            # keys per anchor; None: reference 50, paper 256
-        temperature=0.5,
-        queue_size_first=50000, queue_size=30000,  # class 0's queue and the others'
-        save_queues=True,              # checkpoint the queues (the reference does not)
-    )
+    # each method's options: one group per method, C.<name>.* (C.dueb, C.u2pl), declared
+    # beside the method (furnace/methods/<name>_options.py, registered in options.py)
+    for group in _option_groups():
+        C[group.name] = group.defaults()
     # optimisation
     C.seed = 12345
     C.lr = 0.005
@@ -203,7 +253,6 @@ def base_config() -> Config:
     # per stream (furnace/methods/groups.py); None: one group per process
     C.reference_gpus = None
     C.warm_up_epoch = 0
-    C.fuse_passes = False
     # the references train in fp32; 'bf16' is the speed option on GPUs (auto: bf16 on CUDA)
     C.amp = "off"
     C.deterministic = False
@@ -243,22 +292,36 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _parse_value(key: str, text: str, current: Any, source: str) -> Any:
-    """Parse ``text`` into the type of ``current`` (the default) or raise ConfigError."""
-    leaf = key.rsplit(".", 1)[-1]
+def _value_rules(path: str):
+    """(allowed values or None, the type a None-able key takes or None) of a dotted key:
+    top-level keys from :data:`CHOICES` / ``OPTIONAL_*``, group keys from their group."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        optional = str if head in OPTIONAL_STR else int if head in OPTIONAL_INT else None
+        return CHOICES.get(head), optional
+    for group in _option_groups():
+        if group.name == head:
+            return None, group.optional.get(rest)
+    return None, None
+
+
+def _parse_value(key: str, text: str, current: Any, source: str,
+                 path: Optional[str] = None) -> Any:
+    """Parse ``text`` into the type of ``current`` (the default) or raise ConfigError.
+    ``key``: the key as written (for messages); ``path``: the key it names (old names
+    resolved; default ``key``)."""
+    allowed, optional = _value_rules(path or key)
 
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"config key '{key}' expects {expected}, got {text!r} (from {source})")
 
     low = text.strip().lower()
-    if leaf in CHOICES:
-        allowed = CHOICES[leaf]
+    if allowed is not None:
         for a in allowed:
             if low == str(a).lower():
                 return a
         raise bad("one of " + ", ".join(map(str, allowed)))
-    if low in ("none", "null") and (current is None
-                                    or leaf in OPTIONAL_STR + OPTIONAL_INT + OPTIONAL_FLOAT):
+    if low in ("none", "null") and (current is None or optional is not None):
         return None
     if isinstance(current, bool):
         if low in _TRUE:
@@ -266,12 +329,12 @@ def _parse_value(key: str, text: str, current: Any, source: str) -> Any:
         if low in _FALSE:
             return False
         raise bad("a boolean (true/false)")
-    if isinstance(current, int) or leaf in OPTIONAL_INT:
+    if isinstance(current, int) or optional is int:
         try:
             return int(text)
         except ValueError:
             raise bad("an integer") from None
-    if isinstance(current, float) or leaf in OPTIONAL_FLOAT:
+    if isinstance(current, float) or optional is float:
         try:
             return float(text)
         except ValueError:
@@ -292,13 +355,18 @@ def _parse_value(key: str, text: str, current: Any, source: str) -> Any:
 
 
 def _lookup(C: Config, key: str, source: str):
-    """Return (parent Config, leaf name) for a dotted key, or raise for unknown keys."""
+    """Return (parent Config, leaf name) for a dotted key, or raise for unknown keys.
+    Old names of the top level resolve to their group's keys."""
     parts = key.split(".")
     node = C
     for i, part in enumerate(parts):
         if not isinstance(node, Config) or part not in node:
             known = sorted(node) if isinstance(node, Config) else []
-            hint = difflib.get_close_matches(part, known, n=3)
+            # a near old name is suggested as the key it stands for
+            old = {name: canonical_key(node, name) for name in _aliases()} if known else {}
+            old = {name: new for name, new in old.items() if new != name}
+            hint = difflib.get_close_matches(part, known + sorted(old), n=3)
+            hint = list(dict.fromkeys(old.get(h, h) for h in hint))
             prefix = ".".join(parts[:i])
             where = f" in group '{prefix}'" if prefix else ""
             msg = f"unknown config key '{key}'{where} (from {source})"
@@ -311,9 +379,10 @@ def _lookup(C: Config, key: str, source: str):
 
 
 def set_value(C: Config, key: str, text: str, source: str = "--set") -> None:
-    """Set a (possibly dotted) key from its text form, checking name and type."""
+    """Set a (possibly dotted) key from its text form, checking name and type. An old name
+    (see :class:`Config`) sets the key of its group."""
     parent, leaf = _lookup(C, key, source)
-    parent[leaf] = _parse_value(key, text, parent[leaf], source)
+    parent[leaf] = _parse_value(key, text, parent[leaf], source, canonical_key(C, key))
 
 
 def apply_overrides(C: Config, overrides: Iterable[str]) -> None:
@@ -428,32 +497,50 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def validate(C: Config) -> None:
-    """Raise ConfigError for values that would fail later in the run (after hours of training,
-    or as a traceback): counts, rates, scale lists, paths. ``C`` is a finalised config."""
-    def fail(key: str, want: str, fix: str = "") -> None:
-        raise ConfigError(f"config key '{key}' must be {want}, got {_get(C, key)!r}"
+class Checks:
+    """Value checks of a finalised config ``C``, each raising one ConfigError that names the
+    key and, where given, the fix. Keys ``C`` does not have are not checked. Used by
+    :func:`validate` and by the method option groups' ``check(C)``."""
+
+    def __init__(self, C: Config):
+        self.C = C
+
+    def fail(self, key: str, want: str, fix: str = "") -> None:
+        raise ConfigError(f"config key '{key}' must be {want}, got {_get(self.C, key)!r}"
                           + (f"; {fix}" if fix else ""))
 
-    def integer(key: str, low: int, optional: bool = False, fix: str = "") -> None:
-        v = _get(C, key)
+    def integer(self, key: str, low: int, optional: bool = False, fix: str = "") -> None:
+        v = _get(self.C, key)
         if v is _MISSING or (optional and v is None):
             return
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            fail(key, f"an integer >= {low}" + (" or none" if optional else ""), fix)
+            self.fail(key, f"an integer >= {low}" + (" or none" if optional else ""), fix)
 
-    def number(key: str, low: float, high: float = math.inf, low_open: bool = False,
+    def number(self, key: str, low: float, high: float = math.inf, low_open: bool = False,
                fix: str = "") -> None:
-        v = _get(C, key)
+        v = _get(self.C, key)
         if v is _MISSING:
             return
         ok = _is_number(v) and math.isfinite(v) and v <= high and (v > low if low_open
                                                                     else v >= low)
         if not ok:
             rng = f"({low}" if low_open else f"[{low}"
-            fail(key, f"a finite number in {rng}, {high}]" if high < math.inf else
-                 f"a finite number {'>' if low_open else '>='} {low}", fix)
+            self.fail(key, f"a finite number in {rng}, {high}]" if high < math.inf else
+                      f"a finite number {'>' if low_open else '>='} {low}", fix)
 
+    def one_of(self, key: str, allowed: tuple, want: Optional[str] = None,
+               fix: str = "") -> None:
+        v = _get(self.C, key)
+        if v is not _MISSING and v not in allowed:
+            self.fail(key, want or f"one of {allowed}", fix)
+
+
+def validate(C: Config) -> None:
+    """Raise ConfigError for values that would fail later in the run (after hours of training,
+    or as a traceback): counts, rates, scale lists, paths; then each method option group's
+    own checks (its values and cross-key combinations). ``C`` is a finalised config."""
+    v = Checks(C)
+    fail, integer, number = v.fail, v.integer, v.number
     integer("snapshot_iter", 1, fix="1 saves after every epoch")
     integer("debug", 0, fix="0 runs full epochs, N > 0 runs N iterations per epoch")
     integer("num_workers", 0)
@@ -481,60 +568,27 @@ def validate(C: Config) -> None:
              "batch_size is the reference's per-GPU batch times its GPU count")
     if "method" in C and (not isinstance(C.method, str) or not C.method.strip()):
         fail("method", "a method name", "e.g. dueb or supervised (furnace/methods/)")
-    integer("aleatoric.samples", 1)
-    integer("aleatoric.start_iter", 0)
     number("lr", 0, low_open=True, fix="e.g. --set lr=0.005")
     number("lr_power", 0)
     number("momentum", 0, 1)
     number("weight_decay", 0)
-    number("unsup_weight", 0)
     number("bn_eps", 0, low_open=True)
     number("bn_momentum", 0, 1)
     number("ohem_thresh", 0, 1, low_open=True)
     number("eval_stride_rate", 0, 1, low_open=True)
-    for group in ("aleatoric", "energy"):
-        for key in ("sup_weight", "unsup_weight"):
-            number(f"{group}.{key}", 0)
-    integer("u2pl.sup_only_epoch", 0)
-    integer("u2pl.rep_dim", 1)
-    integer("u2pl.ohem_min_kept", 1)
-    integer("u2pl.low_rank", 0)
-    integer("u2pl.high_rank", 1)
-    integer("u2pl.num_queries", 1, optional=True)
-    integer("u2pl.num_negatives", 1, optional=True)
-    integer("u2pl.queue_size_first", 1)
-    integer("u2pl.queue_size", 1)
-    number("u2pl.ema_decay", 0, 1)
-    number("u2pl.head_lr_mult", 0, low_open=True)
-    number("u2pl.aux_weight", 0)
-    number("u2pl.cutmix_prob", 0, 1)
-    number("u2pl.drop_percent", 0, 100, low_open=True)
-    number("u2pl.unsup_weight", 0)
-    number("u2pl.low_entropy_threshold", 0, 50)
-    number("u2pl.temperature", 0, low_open=True)
-    if _get(C, "u2pl.contrastive_weight") is not None:
-        number("u2pl.contrastive_weight", 0)
-    v = _get(C, "u2pl.onehot")
-    if v is not _MISSING and v not in (None, "union", "exact"):
-        fail("u2pl.onehot", "none, 'union' or 'exact'",
-             "union: the reference's one-hot (image 0 holds the batch's labels)")
-    for key, allowed in (("u2pl.contrastive", ("reference", "paper", "off")),
-                         ("u2pl.unsup_weight_mode", ("reference", "mean"))):
-        v = _get(C, key)
-        if v is not _MISSING and v not in allowed:
-            fail(key, f"one of {allowed}")
     for key in ("eval_scale_array", "train_scale_array"):
-        v = C.get(key, [1])
-        if (not isinstance(v, (list, tuple)) or not v
-                or not all(_is_number(x) and math.isfinite(x) and x > 0 for x in v)):
+        value = C.get(key, [1])
+        if (not isinstance(value, (list, tuple)) or not value
+                or not all(_is_number(x) and math.isfinite(x) and x > 0 for x in value)):
             fail(key, "a non-empty list of positive numbers", f"e.g. --set {key}=[1.0]")
     for key in ("train_label_pad", "eval_label_pad"):
-        v = _get(C, key)
-        if v is not _MISSING and (not isinstance(v, int) or isinstance(v, bool)
-                                  or not 0 <= v <= 255):
+        value = _get(C, key)
+        if value is not _MISSING and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= 255):
             fail(key, "an integer in 0..255", "255 = ignored, 0 = background (U2PL)")
-    v = _get(C, "voc_train_folder")
-    if v is not _MISSING and v is not None and (not isinstance(v, str) or not v.strip()):
+    value = _get(C, "voc_train_folder")
+    if value is not _MISSING and value is not None and (not isinstance(value, str)
+                                                        or not value.strip()):
         fail("voc_train_folder", "none or a folder name under dataset_path",
              "e.g. --set voc_train_folder=train_aug")
     if C.get("train_scale_mode") == "u2pl" and not (
@@ -546,44 +600,21 @@ def validate(C: Config) -> None:
         fail("eval_scale_array", "[1] with eval_mode='center_pad'",
              "that protocol is single-scale; --set eval_scale_array=[1]")
     for key in ("image_mean", "image_std"):
-        v = C.get(key, [0, 0, 1])
-        if (not isinstance(v, (list, tuple)) or len(v) != 3
-                or not all(_is_number(x) and math.isfinite(x) for x in v)
-                or (key == "image_std" and not all(x > 0 for x in v))):
+        value = C.get(key, [0, 0, 1])
+        if (not isinstance(value, (list, tuple)) or len(value) != 3
+                or not all(_is_number(x) and math.isfinite(x) for x in value)
+                or (key == "image_std" and not all(x > 0 for x in value))):
             fail(key, "3 finite numbers" + (" > 0" if key == "image_std" else ""))
-    v = C.get("cutmix_mask_prop_range", [0, 1])
-    if (not isinstance(v, (list, tuple)) or len(v) != 2
-            or not all(_is_number(x) and 0 <= x <= 1 for x in v) or v[0] > v[1]):
+    value = C.get("cutmix_mask_prop_range", [0, 1])
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(_is_number(x) and 0 <= x <= 1 for x in value) or value[0] > value[1]):
         fail("cutmix_mask_prop_range", "[low, high] with 0 <= low <= high <= 1")
     for key in ("eval_source", "split_dir", "log_dir"):
         if key in C and (not isinstance(C[key], str) or not C[key].strip()):
             fail(key, "a non-empty path")
-    _check_combinations(C)
-
-
-def _check_combinations(C: Config) -> None:
-    """Cross-key checks: combinations that would silently turn a method into another one."""
-    u = C.get("u2pl")
-    if isinstance(u, Mapping) and C.get("method") == "u2pl":
-        if _is_number(u.get("sup_only_epoch")) and u["sup_only_epoch"] >= C.nepochs:
-            raise ConfigError(
-                f"config key 'u2pl.sup_only_epoch' is {u['sup_only_epoch']} but nepochs is "
-                f"{C.nepochs}: no epoch would learn from unlabelled data, a supervised run "
-                "logged as U2PL; lower u2pl.sup_only_epoch below nepochs (or train "
-                "method=u2pl_suponly for the supervised baseline)")
-    if isinstance(u, Mapping) and str(C.get("method", "")).startswith("u2pl") \
-            and u.get("contrastive") != "off":
-        low, high = u.get("low_rank"), u.get("high_rank")
-        if _is_number(low) and _is_number(high) and low >= high:
-            raise ConfigError(
-                f"config keys 'u2pl.low_rank'={low} and 'u2pl.high_rank'={high}: negatives are "
-                "the classes ranked in [low_rank, high_rank), an empty range; set low_rank < "
-                "high_rank (U2PL: 3 and 20), or u2pl.contrastive=off")
-        if _is_number(low) and low >= C.num_classes:
-            raise ConfigError(
-                f"config key 'u2pl.low_rank' is {low} but num_classes is {C.num_classes}: no "
-                "class ranks that low, so no unlabelled pixel is a negative; set "
-                "u2pl.low_rank < num_classes")
+    for group in _option_groups():
+        if group.check is not None and isinstance(C.get(group.name), Mapping):
+            group.check(C)
 
 
 _MISSING = object()
@@ -665,9 +696,10 @@ def load_config(exp_dir: os.PathLike, overrides: Iterable[str] = (),
 
 
 #: Keys that decide which network a checkpoint holds, besides every method option group
-#: (``dueb``, ``aleatoric``, ``energy``, ``u2pl``, ...): eval.py takes them from the checkpoint.
-NETWORK_KEYS = ("method", "supervised_only", "num_classes", "class_names", "backbone", "stem",
-                "output_stride", "head_channels", "backbone_width", "bn_eps", "bn_momentum")
+#: (``dueb``, ``u2pl``, ..., and the old names of their keys): eval.py takes them from the
+#: checkpoint.
+NETWORK_KEYS = ("method", "num_classes", "class_names", "backbone", "stem", "output_stride",
+                "head_channels", "backbone_width", "bn_eps", "bn_momentum")
 #: The validation protocol a run used: eval.py's default is the checkpoint's.
 PROTOCOL_KEYS = ("eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scale_array",
                  "eval_flip", "eval_branch", "eval_average", "eval_label_pad", "image_mean",
@@ -681,13 +713,14 @@ def checkpoint_config(C: Config, recorded: Any, overrides: Iterable[str] = (),
     checkpoint recorded, and with ``protocol`` its validation protocol (:data:`PROTOCOL_KEYS`);
     then ``overrides`` (``--set``) again, so the command line has the last word. Data paths
     and lists stay the folder's. ``recorded``: the checkpoint's ``config`` dict (None for
-    reference and older files: ``C`` unchanged)."""
+    reference and older files: ``C`` unchanged). A recorded config of an older version that
+    has a group's keys under their old top-level names (``unsup_weight``, ``aleatoric``, ...)
+    sets the group's keys."""
     if not isinstance(recorded, Mapping):
         return C
     C = copy.deepcopy(C)
     keys = NETWORK_KEYS + (PROTOCOL_KEYS if protocol else ())
-    _overlay(C, {k: v for k, v in recorded.items()
-                 if k in keys or isinstance(C.get(k), Config)})
+    _overlay(C, {k: v for k, v in recorded.items() if k in keys or _in_group(C, k)})
     apply_overrides(C, overrides)
     try:
         validate(C)
@@ -696,8 +729,14 @@ def checkpoint_config(C: Config, recorded: Any, overrides: Iterable[str] = (),
     return C
 
 
+def _in_group(C: Config, key: str) -> bool:
+    """``key`` is a group of ``C`` or the old name of a group's key."""
+    return isinstance(C.get(key), Config) or canonical_key(C, key) != key
+
+
 def _overlay(C: Config, recorded: Mapping[str, Any]) -> None:
-    """Set every key of ``C`` (groups recursively) that ``recorded`` has."""
+    """Set every key of ``C`` (groups recursively) that ``recorded`` has; old names set the
+    keys they stand for."""
     for key, value in recorded.items():
         if key not in C:
             continue                      # a key this version no longer has

@@ -419,7 +419,10 @@ def test_help_and_print_config_answer_without_torch():
     lines = out.stdout.splitlines()
     assert lines[0] == "# method: dueb" and lines[-1] == "NO-TORCH"
     assert "nepochs = 7" in lines and "niters_per_epoch = 1157" in lines
-    assert "dueb.aleatoric.enabled = True" in lines and "aleatoric.enabled = True" in lines
+    # the new layout only: DUEB's keys in their group, no old top-level names
+    assert "dueb.aleatoric.enabled = True" in lines and "dueb.unsup_weight = 1.0" in lines
+    assert not any(l.startswith(("aleatoric.", "energy.", "unsup_weight ", "fuse_passes ",
+                                 "supervised_only ")) for l in lines)
     assert any(l.startswith("train_source = ") and "1-8.txt" in l for l in lines)
     out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True,
                          text=True, timeout=60)

@@ -146,7 +146,7 @@ def test_log_names_differ_between_runs_started_in_the_same_second(monkeypatch):
                                                   "train_scale_array"),
     ("dataset_path=", "dataset_path"), ("momentum=inf", "momentum"),
     ("num_workers=-1", "num_workers"), ("snapshot_keep=0", "snapshot_keep"),
-    ("aleatoric.samples=0", "aleatoric.samples")])
+    ("aleatoric.samples=0", "dueb.aleatoric.samples")])
 def test_bad_values_fail_when_the_config_is_finalised(item, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(ROOT / "exp_demo", [item], env={})

@@ -11,7 +11,7 @@ uncertainty score should be high on the wrong pixels; how well it ranks them is 
 Scores (all >= 0, higher = more uncertain):
 
 ``variance``      the variance head of the evaluated branch (softplus output; the reference
-                  never trains it, ``aleatoric.learn_variance=true`` does);
+                  never trains it, ``dueb.aleatoric.learn_variance=true`` does);
 ``entropy``       predictive entropy of softmax(logits) in nats, in [0, log C];
 ``1-msp``         1 - p(predicted class), in [0, 1 - 1/C] (the maximum softmax probability
                   unless a multi-scale prediction differs from the argmax of the mean logits);

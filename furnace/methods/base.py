@@ -33,6 +33,7 @@ from ..data.loader import DUEB_STREAMS, StreamSpec
 from ..engine.lr import PolyLR
 from ..precision import upcast  # noqa: F401  (the methods' import path)
 from .groups import ReferenceGroups
+from .options import OptionGroup
 
 #: The streams a method may name instead of declaring its own (DUEB's), each a dict of device
 #: tensors per iteration: ``labeled``: data [B,3,H,W] float, label [B,H,W] int64;
@@ -83,6 +84,9 @@ class Method:
             ``--set`` (so the command line has the last word); scripts pick one.
         checkpoint_model_key: the ``modules`` key whose weights :meth:`build_eval_model`'s
             network loads in eval.py.
+        option_group: the method's config group ``C.<name>``
+            (:class:`~furnace.methods.options.OptionGroup`: defaults, checks, old names),
+            declared torch-free beside the method and registered there (None: no options).
     Instances set ``modules`` (checkpoint key -> nn.Module) and ``optimizers`` (checkpoint key
     -> torch.optim.Optimizer).
     """
@@ -93,6 +97,7 @@ class Method:
     zero_grad_set_to_none: ClassVar[bool] = True
     presets: ClassVar[Mapping[str, Sequence[str]]] = {}
     checkpoint_model_key: ClassVar[str] = "model"
+    option_group: ClassVar[Optional[OptionGroup]] = None
 
     def __init__(self, C, ctx: MethodContext):
         self.C = C

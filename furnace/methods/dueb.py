@@ -10,8 +10,9 @@ the teacher logits, pseudo labels, two student passes on the mixed batch, then
 
 Presets: ``full`` (train.py), ``aleatoric`` (trainal.py), ``energy`` (traine.py), ``cpcl``
 (traincpcl.py, both switches off). Switched-off terms are not computed at all. Options live in
-``C.dueb.aleatoric.*`` and ``C.dueb.energy.*`` (the same groups as the legacy top-level
-``C.aleatoric`` / ``C.energy``).
+the group ``C.dueb`` (``dueb.aleatoric.*``, ``dueb.energy.*``, ``dueb.unsup_weight``,
+``dueb.fuse_passes``), declared with its checks and old top-level names in
+:mod:`.dueb_options`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..models import network_from_config
 from ..precision import autocast, upcast
 from .base import STREAMS, Method, MethodContext
 from .common import IGNORE, make_sgd, sup_criterion
+from .dueb_options import OPTIONS  # C.dueb: defaults, checks, old names (torch-free)
 from .presets import BUILTIN_PRESETS
 from .registry import register
 
@@ -35,11 +37,8 @@ SUP_FIELDS = ("sup_1", "sup_2", "overlap", "predlog_sup1", "predlog_sup2")
 
 
 def options(C: Config) -> Tuple[Config, Config]:
-    """The (aleatoric, energy) option groups: ``C.dueb.*``, else the legacy top-level ones."""
-    group = C.get("dueb")
-    if isinstance(group, Config) and "aleatoric" in group:
-        return group.aleatoric, group.energy
-    return C.aleatoric, C.energy
+    """The (aleatoric, energy) option groups, ``C.dueb.aleatoric`` and ``C.dueb.energy``."""
+    return C.dueb.aleatoric, C.dueb.energy
 
 
 class DUEBStep:
@@ -48,8 +47,8 @@ class DUEBStep:
     ``model`` is the dual-branch network; batches are dicts of device tensors:
     ``lab = {'data': [B,3,H,W] float, 'label': [B,H,W] int64}``,
     ``u0 = {'data': [B,3,H,W], 'mask': [B,1,H,W] in {0,1}}``, ``u1 = {'data': [B,3,H,W]}``.
-    ``C.supervised_only`` (legacy) leaves out the unlabelled terms; the engine trains that
-    setting with the ``supervised`` method instead.
+    ``C.dueb.supervised_only`` (legacy) leaves out the unlabelled terms; the engine trains
+    that setting with the ``supervised`` method instead.
     """
 
     def __init__(self, model: torch.nn.Module, C: Config, batch_per_process: int,
@@ -60,7 +59,7 @@ class DUEBStep:
         self.al, self.en = options(C)
         self.use_aleatoric = bool(self.al.enabled)
         self.use_energy = bool(self.en.enabled)
-        self.use_unsup = not C.get("supervised_only", False)
+        self.use_unsup = not C.dueb.supervised_only
         self.sup_criterion = sup_criterion(C, batch_per_process)
         if self.use_aleatoric:
             self.aleatoric = AleatoricLoss(self.al.samples, IGNORE,
@@ -78,7 +77,7 @@ class DUEBStep:
         """Mixed teacher logits of both branches (no grad, train mode as the reference)."""
         mixed = []
         with torch.no_grad():
-            if self.C.fuse_passes:
+            if self.C.dueb.fuse_passes:
                 for k in (1, 2):
                     z, _ = self.forward(k, torch.cat([u0, u1]))
                     z0, z1 = z.chunk(2)
@@ -105,14 +104,14 @@ class DUEBStep:
         branch's graph is alive at a time, which lowers peak memory. ``loss`` is then detached.
 
         ``iteration``: the global iteration (from 0); the aleatoric terms are left out before
-        ``aleatoric.start_iter`` (None: always in).
+        ``dueb.aleatoric.start_iter`` (None: always in).
         """
-        C, al, en = self.C, self.al, self.en
+        o, al, en = self.C.dueb, self.al, self.en
         use_aleatoric = self.use_aleatoric and (
             iteration is None or iteration >= int(al.start_iter))
         imgs, gts = lab["data"], lab["label"]
         terms: Dict[str, torch.Tensor] = {}
-        fused = C.fuse_passes and self.use_unsup
+        fused = o.fuse_passes and self.use_unsup
         stream = backward is not None and not fused
         parts = []
 
@@ -159,7 +158,7 @@ class DUEBStep:
                                            (2, "union", pl.union, pl.weight_union)):
                 z, v = (outs[k][0][1], outs[k][1][1]) if fused else self.forward(k, mixed_in)
                 terms[name] = unsup_ce(z, label, weight, IGNORE)
-                part = C.unsup_weight * terms[name]
+                part = o.unsup_weight * terms[name]
                 if use_aleatoric:
                     al_unsup.append(al.unsup_weight * self.aleatoric(z, v, label))
                     part = part + al_unsup[-1]
@@ -167,7 +166,7 @@ class DUEBStep:
                     terms[f"predlog_unsup{k}"] = energy_term(F.softmax(z, dim=1), label, IGNORE)
                     part = part + en.unsup_weight * terms[f"predlog_unsup{k}"]
                 add(part)
-            terms["loss_unsup"] = C.unsup_weight * (terms["inter"] + terms["union"])
+            terms["loss_unsup"] = o.unsup_weight * (terms["inter"] + terms["union"])
             if use_aleatoric:
                 terms["loss_all_unsup"] = al_unsup[0] + al_unsup[1]
             terms["overlap"] = pl.overlap
@@ -199,6 +198,7 @@ class DUEB(Method):
     name = "dueb"
     streams = STREAMS
     presets = BUILTIN_PRESETS["dueb"]
+    option_group = OPTIONS
 
     def __init__(self, C: Config, ctx: MethodContext):
         super().__init__(C, ctx)

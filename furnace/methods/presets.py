@@ -9,7 +9,7 @@ from ..config import ConfigError, data_root
 
 def _dueb(aleatoric: bool, energy: bool) -> List[str]:
     return [f"dueb.aleatoric.enabled={aleatoric}", f"dueb.energy.enabled={energy}",
-            "supervised_only=False"]
+            "dueb.supervised_only=False"]
 
 
 # U2PL's training and evaluation settings (spec methods/U2PL.md sections 4 to 6): ResNet-101
@@ -57,10 +57,11 @@ BUILTIN_PRESETS: Dict[str, Mapping[str, List[str]]] = {
 
 
 def method_name(C) -> str:
-    """The method a config asks for. The legacy switch ``supervised_only=True`` (kept for old
-    configs and scripts) selects the ``supervised`` method when ``method`` is ``dueb``."""
+    """The method a config asks for. The legacy switch ``dueb.supervised_only=True`` (old
+    name ``supervised_only``, kept for old configs and scripts) selects the ``supervised``
+    method when ``method`` is ``dueb``."""
     name = C.get("method", "dueb")
-    if name == "dueb" and C.get("supervised_only"):
+    if name == "dueb" and (C.get("dueb") or {}).get("supervised_only"):
         return "supervised"
     return name
 
@@ -103,6 +104,6 @@ def script_overrides(method: Optional[str] = None, preset: Optional[str] = None)
             raise ConfigError(f"method '{method}' has no preset '{preset}'; known: "
                               f"{', '.join(sorted(presets)) or 'none'}")
         out += list(presets[preset])
-    if method == "dueb" and "supervised_only=False" not in out:
-        out.append("supervised_only=False")    # the script decides, not a legacy config key
+    if method == "dueb" and "dueb.supervised_only=False" not in out:
+        out.append("dueb.supervised_only=False")  # the script decides, not a legacy config key
     return out

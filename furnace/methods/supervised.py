@@ -1,7 +1,7 @@
 """Supervised-only baseline: one DeepLabv3+ network trained on the labelled stream alone.
 
 Checkpoint keys: ``model`` (``branch1.*``, the same layout as a DUEB branch 1, so DUEB
-tooling and eval.py read it) and ``optimizer``. The legacy switch ``supervised_only=True``
+tooling and eval.py read it) and ``optimizer``. The legacy switch ``dueb.supervised_only=True``
 selects this method.
 """
 from __future__ import annotations

@@ -28,6 +28,8 @@ copied. The student is validated while the teacher is not yet in use, the teache
 
 ``u2pl_suponly`` is U2PL's SupOnly baseline: the same network without the representation
 head, trained on the labelled data only.
+
+Options: the group ``C.u2pl``, its defaults and checks in :mod:`.u2pl_options`.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ from .groups import ReferenceGroups
 from .presets import BUILTIN_PRESETS
 from .registry import register
 from .common import IGNORE
+from .u2pl_options import OPTIONS  # C.u2pl: defaults, checks (torch-free)
 
 # defaults of the two contrastive modes (spec 3.7, Table A1 and 10.1): anchors, keys, weight,
 # one-hot of the labels ('union': the reference's label_onehot, per group)
@@ -142,6 +145,7 @@ class U2PL(Method):
     name = "u2pl"
     streams = ("labeled", "unlabeled0")
     presets = BUILTIN_PRESETS["u2pl"]
+    option_group = OPTIONS
 
     def __init__(self, C: Config, ctx: MethodContext):
         super().__init__(C, ctx)
@@ -389,6 +393,7 @@ class U2PLSupOnly(Method):
     name = "u2pl_suponly"
     streams = ("labeled",)
     presets = BUILTIN_PRESETS["u2pl_suponly"]
+    option_group = OPTIONS
 
     def __init__(self, C: Config, ctx: MethodContext):
         super().__init__(C, ctx)

@@ -233,13 +233,14 @@ def norm_from_config(C):
 
 def network_from_config(C, pretrained: bool = True) -> "DualBranchNetwork":
     """The dual-branch network an experiment config describes (keys ``num_classes``,
-    ``backbone``, ``output_stride``, ``stem``, ``eval_branch``, ``aleatoric.learn_variance``,
-    ``pretrained_model``, ``pretrained_strict``, ``head_channels``, ``backbone_width``,
-    ``bn_eps``, ``bn_momentum``). ``pretrained=False`` skips the ImageNet
-    weights (evaluation loads a checkpoint over them anyway)."""
+    ``backbone``, ``output_stride``, ``stem``, ``eval_branch``,
+    ``dueb.aleatoric.learn_variance``, ``pretrained_model``, ``pretrained_strict``,
+    ``head_channels``, ``backbone_width``, ``bn_eps``, ``bn_momentum``). ``pretrained=False``
+    skips the ImageNet weights (evaluation loads a checkpoint over them anyway)."""
     return build_network(C.num_classes, C.backbone, C.output_stride,
                          C.pretrained_model if pretrained else None, stem=C.stem,
-                         eval_branch=C.eval_branch, learn_variance=C.aleatoric.learn_variance,
+                         eval_branch=C.eval_branch,
+                         learn_variance=C.dueb.aleatoric.learn_variance,
                          pretrained_strict=C.pretrained_strict,
                          head_channels=C.head_channels, norm_layer=norm_from_config(C),
                          backbone_width=C.get("backbone_width", 64))
