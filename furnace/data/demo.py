@@ -5,16 +5,19 @@
 Each image is a textured, low-saturation background (smooth noise, gradient, stripes or checks,
 with grey clutter lines and pixel noise) with several saturated objects of 5 shape classes
 (disc, square, triangle, ring, bar) of random size, rotation, position and overlap. Saturation
-separates objects from the background; the hue is only a hint of the class (HUE_HINT of the
-objects take a hue from their class's band, the others any hue), so a model gets the easy part
-from colour within a few hundred iterations and has to learn shape for the rest. Later objects
+separates objects from the background. The hue circle is cut into 5 x HUE_BANDS_PER_CLASS
+bands dealt to the classes in turn (band j belongs to class 1 + j mod 5, so neighbouring bands
+belong to different classes), and HUE_HINT of the objects take a hue from the middle of one of
+their class's bands, the others any hue. Shape and colour then agree, but the colour rule is
+a fine, interleaved function of hue: thousands of labelled objects pin it down within the
+demo's budget, a dozen labelled images sample each band only a few times. Later objects
 occlude earlier ones; the label is the visible class (0 = background). Images and labels are
 lossless PNGs (labels are palette PNGs holding the class indices), so the same seed gives the
 same bytes.
 
 Layout under root (as the CPS 'pascal_voc' archive):
     train_aug/image/<id>.png  train_aug/label/<id>.png  val/image/<id>.png  val/label/<id>.png
-    train_aug.txt  val.txt  subset_train_aug/train_aug_{labeled,unlabeled}_1-{2,4,8,16,32,64}.txt
+    train_aug.txt  val.txt  subset_train_aug/train_aug_{labeled,unlabeled}_1-{2,4,8,16,32,64,80,128}.txt
     demo_stamp.json (written last; marks a complete dataset)
 """
 from __future__ import annotations
@@ -39,10 +42,11 @@ from .splits import make_splits, split_file_names
 
 DEMO_CLASSES: List[str] = ["background", "disc", "square", "triangle", "ring", "bar"]
 DEMO_NUM_CLASSES = len(DEMO_CLASSES)
-DEMO_VERSION = 2
-DEMO_RATIOS = (2, 4, 8, 16, 32, 64)
+DEMO_VERSION = 3
+DEMO_RATIOS = (2, 4, 8, 16, 32, 64, 80, 128)
 STAMP_NAME = "demo_stamp.json"
-HUE_HINT = 0.6  # share of objects whose hue lies in their class band
+HUE_HINT = 1.0  # share of objects whose hue lies in one of their class's bands
+HUE_BANDS_PER_CLASS = 3
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "DATA" / "demo"
 
 _SPLIT_CODE = {"train": 1, "val": 2}
@@ -115,13 +119,14 @@ def _shape_mask(cls: int, dy: np.ndarray, dx: np.ndarray, r: float, theta: float
 
 
 def _object_colour(rng: np.random.Generator, cls: int) -> np.ndarray:
-    """A saturated colour (float32 RGB in 0..255). The saturation says 'object'; the hue is a
-    hint, not the answer: with probability HUE_HINT it lies in the class's own band of the hue
-    circle, otherwise anywhere, so colour alone classifies about 2 objects in 3 and the rest
-    needs the shape."""
+    """A saturated colour (float32 RGB in 0..255). The saturation says 'object'. With
+    probability HUE_HINT the hue lies in one of the class's HUE_BANDS_PER_CLASS bands (its
+    central 70 %, so bands of different classes never touch), otherwise anywhere."""
     if rng.random() < HUE_HINT:
-        band = 180.0 / (DEMO_NUM_CLASSES - 1)  # OpenCV hue runs over 0..180
-        hue = ((cls - 1) + rng.uniform(0, 1)) * band
+        k = DEMO_NUM_CLASSES - 1
+        n_bands = k * HUE_BANDS_PER_CLASS
+        band = (cls - 1) + k * int(rng.integers(HUE_BANDS_PER_CLASS))  # band j: class 1 + j % k
+        hue = (band + rng.uniform(0.15, 0.85)) * 180.0 / n_bands  # OpenCV hue runs over 0..180
     else:
         hue = rng.uniform(0, 180)
     hsv = np.array([[[hue, rng.uniform(170, 255), rng.uniform(150, 255)]]], dtype=np.float32)

@@ -40,9 +40,9 @@ U2PL_CITY = _U2PL_COMMON + [
     # validation during training: the central 769 crop, one forward (spec 10.6)
     "val_eval_mode=center_pad"]
 # the demo keeps its own budget, data and lr (the same as every other demo-table row); the
-# decoder lr is not multiplied (its lr was chosen for a decoder at 1x); its batch of 4 + 4 is
-# one reference group, the size of a VOC reference GPU's batch
-U2PL_DEMO = ["u2pl.head_lr_mult=1.0", "reference_gpus=1"]
+# decoder lr is not multiplied (its lr was chosen for a decoder at 1x); its batch of 8 + 8 is
+# two reference groups of 4 + 4, the batch of a VOC reference GPU
+U2PL_DEMO = ["u2pl.head_lr_mult=1.0", "reference_gpus=2"]
 
 #: method -> preset -> key=value strings (train.py, trainal.py, traine.py, traincpcl.py)
 BUILTIN_PRESETS: Dict[str, Mapping[str, List[str]]] = {
