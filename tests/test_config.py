@@ -117,6 +117,7 @@ def test_checkpoint_config_takes_network_and_protocol_from_the_file():
     from furnace.config import checkpoint_config
     folder = load_config(VOC, env={})
     trained = load_config(VOC, ["backbone=resnet18", "head_channels=16", "num_classes=5",
+                                "backbone_width=8",
                                 "u2pl.rep_dim=8", "eval_mode=whole", "eval_flip=true",
                                 "dataset_path=/elsewhere", "aleatoric.learn_variance=true",
                                 "lr=0.5"], env={})
@@ -124,6 +125,7 @@ def test_checkpoint_config_takes_network_and_protocol_from_the_file():
     recorded["a_key_of_another_version"] = 1
     C = checkpoint_config(folder, recorded)
     assert (C.backbone, C.head_channels, C.num_classes, C.u2pl.rep_dim) == ("resnet18", 16, 5, 8)
+    assert C.backbone_width == 8
     assert C.aleatoric.learn_variance and C.dueb.aleatoric.learn_variance
     assert (C.eval_mode, C.eval_flip) == ("whole", True)
     # data and training keys stay the folder's; the folder's config is not modified

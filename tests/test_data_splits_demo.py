@@ -100,32 +100,38 @@ def test_ensure_demo_data_skips_complete(tmp_path):
         generate(foreign, n_train=4, n_val=2, verbose=False)
 
 
-def test_demo_objects_saturated_and_hue_hints_class():
-    """Saturation separates objects from the background; the hue hints at the class for about
-    HUE_HINT of the objects (a band per class), not for all."""
+def test_demo_objects_saturated_and_hue_bands_interleaved():
+    """Saturation separates objects from the background; an object's hue lies in one of its
+    class's HUE_BANDS_PER_CLASS bands (band j belongs to class 1 + j mod 5) for HUE_HINT of
+    the objects, and every band of a class occurs."""
     import cv2
     import numpy as np
     from furnace.data import demo
 
+    k = demo.DEMO_NUM_CLASSES - 1
+    n_bands = k * demo.HUE_BANDS_PER_CLASS
     sat_obj, sat_bg, in_band, n_obj = [], [], 0, 0
-    band = 180.0 / (demo.DEMO_NUM_CLASSES - 1)
+    seen = {c: set() for c in range(1, k + 1)}
     for i in range(60):
         img, lab = demo.draw_sample(np.random.default_rng([7, i]), 96)
         hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).astype(np.float32)
         sat_bg.append(hsv[..., 1][lab == 0].mean())
-        for c in range(1, demo.DEMO_NUM_CLASSES):
+        for c in range(1, k + 1):
             m = lab == c
             if m.sum() < 30:
                 continue
             sat_obj.append(hsv[..., 1][m].mean())
-            hue = np.median(hsv[..., 0][m])
+            band = int(np.median(hsv[..., 0][m]) * n_bands / 180) % n_bands
             n_obj += 1
-            in_band += (c - 1) * band - 2 <= hue <= c * band + 2
+            if band % k == c - 1:
+                in_band += 1
+                seen[c].add(band)
     assert np.mean(sat_obj) > 150 > 60 > np.mean(sat_bg)
     share = in_band / n_obj
-    # HUE_HINT plus the random hues that fall in the right band by chance (1 in 5)
-    expected = demo.HUE_HINT + (1 - demo.HUE_HINT) / (demo.DEMO_NUM_CLASSES - 1)
-    assert n_obj > 100 and abs(share - expected) < 0.15, (share, expected)
+    # HUE_HINT plus the random hues that land in one of the class's bands by chance
+    expected = demo.HUE_HINT + (1 - demo.HUE_HINT) / k
+    assert n_obj > 100 and abs(share - expected) < 0.1, (share, expected)
+    assert all(len(b) == demo.HUE_BANDS_PER_CLASS for b in seen.values()), seen
 
 
 def test_demo_data_without_the_current_splits_is_regenerated(tmp_path):

@@ -231,6 +231,33 @@ def test_head_channels_sets_decoder_width():
     assert n_narrow < n_ref
 
 
+def test_backbone_width_scales_every_stage():
+    """backbone_width w: stem w-w-2w (deep) or w (classic), stages w x (1, 2, 4, 8); 64 is the
+    reference layout, and the keys stay the reference's."""
+    from furnace.models.resnet import resnet18, resnet50
+    from furnace.models.u2pl import U2PLNetwork
+    with torch.device("meta"):
+        assert resnet18(width=16).out_channels == [16, 32, 64, 128]
+        assert resnet50(width=16).out_channels == [64, 128, 256, 512]
+        assert resnet18().out_channels == [64, 128, 256, 512]
+        deep, classic = resnet18(width=16), resnet18(width=16, stem="classic")
+    assert [deep.conv1[i].out_channels for i in (0, 3, 6)] == [16, 16, 32]
+    assert classic.conv1.out_channels == 16 and classic.bn1.num_features == 16
+    narrow = build_network(5, "resnet18", head_channels=16, backbone_width=16)
+    assert list(narrow.state_dict()) == list(build_network(5, "resnet18").state_dict())
+    sd = narrow.state_dict()
+    assert sd["branch1.backbone.layer4.1.conv2.weight"].shape == (128, 128, 3, 3)
+    assert sd["branch1.head.aspp.map_convs.0.weight"].shape == (16, 128, 1, 1)
+    assert sd["branch1.head.reduce.0.weight"].shape[1] == 16   # low-level features of layer1
+    narrow.train()
+    _, logits, _ = narrow(torch.randn(2, 3, 32, 32), step=1)
+    assert logits.shape == (2, 5, 32, 32)
+    u2pl = U2PLNetwork(5, "resnet18", inner_planes=16, rep_dim=8, backbone_width=8)
+    assert u2pl.encoder.out_channels == [8, 16, 32, 64]
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        resnet18(width=0)
+
+
 def test_eval_branch1_does_not_run_branch2(tiny_dual):
     model = tiny_dual.eval()
     calls = []
