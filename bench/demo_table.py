@@ -112,21 +112,26 @@ def table(rows, methods, seeds, header: str) -> str:
         line = (f"| {METHODS[m][0]} | "
                 + " | ".join(f"{r[s]['miou']:.2f}" if s in r else "–" for s in seeds)
                 + f" | {mean_std([x['miou'] for x in got])}")
-        if share_cols:
+        if share_cols and m in ("sup", "full"):
+            line += " | –" * (len(seeds) + 2)  # 0 and 100 % by definition
+        elif share_cols:
             sh = gap_shares(rows, m, seeds)
+            pct = [100 * v for v in sh.values()]
             both = [s for s in seeds if (m, s) in by and ("sup", s) in by]
             ahead = sum(by[m, s] > by["sup", s] for s in both)
             line += (" | " + " | ".join(f"{100 * sh[s]:.0f} %" if s in sh else "–"
                                         for s in seeds)
-                     + (f" | {mean_std([100 * v for v in sh.values()])} %" if sh else " | –")
-                     + (f" | {ahead}/{len(both)} seeds" if both and m != "sup" else " | –"))
+                     + (f" | {statistics.mean(pct):.0f}"
+                        + (f" ± {statistics.stdev(pct):.0f}" if len(pct) > 1 else "") + " %"
+                        if sh else " | –")
+                     + (f" | {ahead}/{len(both)} seeds" if both else " | –"))
         line += (f" | {mean_std([x['pixel_acc'] for x in got])}"
                  + f" | {statistics.mean(x['train_s'] for x in got):.0f} |")
         lines.append(line)
     return header + "\n".join(lines) + "\n"
 
 
-def plot(rows, methods, path: Path, title: str) -> None:
+def plot(rows, methods, seeds, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -143,9 +148,12 @@ def plot(rows, methods, path: Path, title: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("mIoU (%) on demo val, mean ± std over seeds")
     ax.set_title(title, fontsize=9)
-    for i, (m, s) in enumerate(zip(means, stds)):
-        ax.text(m + s + 0.5, i, f"{m:.1f}", va="center", fontsize=8)
-    ax.set_xlim(0, max(m + s for m, s in zip(means, stds)) * 1.15)
+    for i, (name, m, s) in enumerate(zip(shown, means, stds)):
+        sh = gap_shares(rows, name, seeds)
+        share = (f"  (gap {100 * statistics.mean(sh.values()):.0f} %)"
+                 if sh and name not in ("sup", "full") else "")
+        ax.text(m + s + 0.5, i, f"{m:.1f}{share}", va="center", fontsize=8)
+    ax.set_xlim(0, max(m + s for m, s in zip(means, stds)) * 1.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -196,14 +204,15 @@ def main(argv=None) -> int:
                + (f" --set {' '.join(args.overrides)}" if args.overrides else ""))
     header = (f"Demo data, 1/{args.ratio} labels ({C.num_train_imgs} labelled of "
               f"{C.num_train_imgs + C.num_unsup_imgs} images), {C.backbone} from scratch, "
-              f"head_channels {C.head_channels}, {C.nepochs} x {C.niters_per_epoch} iterations "
+              f"backbone_width {C.backbone_width}, head_channels {C.head_channels}, "
+              f"{C.nepochs} x {C.niters_per_epoch} iterations "
               f"at batch {C.batch_size}, crop {C.image_height}, lr {C.lr}, aleatoric terms from "
               f"iteration {C.dueb.aleatoric.start_iter}, device {device}. "
               f"Command: `{command}`.\n\n")
     text = table(rows, args.methods, args.seeds, header)
     print(text)
     out.with_suffix(".md").write_text(text)
-    plot(rows, args.methods, out.with_suffix(".png"), title)
+    plot(rows, args.methods, args.seeds, out.with_suffix(".png"), title)
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
 
