@@ -75,6 +75,7 @@ def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) ->
     res = evaluate(C, "last", [str(device)], model_factory=get_method(name).build_eval_model)[0]
     return {"method": method, "seed": seed, "ratio": ratio, "overrides": list(overrides),
             "miou": 100 * res["miou"], "pixel_acc": 100 * res["pixel_acc"], "train_s": wall,
+            "iou": [round(100 * v, 2) for v in res["iou"]],
             "device": str(device)}
 
 
