@@ -47,16 +47,22 @@ def eln_target(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return (pred.argmax(dim=1) == label).float()
 
 
-def eln_bce(z: torch.Tensor, target: torch.Tensor, zero_errors: str = "raise") -> torch.Tensor:
+def eln_bce(z: torch.Tensor, target: torch.Tensor, zero_errors: str = "raise",
+            valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Class-balanced BCE of the ELN logits ``z`` [B,1,H,W] (upsampled to the target size)
     against ``target`` [B,H,W]: per-pixel BCE, error pixels (T=0) times n1/n0, mean over all
     B*H*W pixels. ``zero_errors``: what a batch without any error pixel does ('raise': the
-    reference's ZeroDivisionError; 'unit': weight 1)."""
+    reference's ZeroDivisionError; 'unit': weight 1). ``valid`` [B,H,W] bool: count and
+    average over these pixels only (None: all, the reference)."""
     if z.shape[-2:] != target.shape[-2:]:
         z = upsample(z, target.shape[-2:])
     loss = F.binary_cross_entropy_with_logits(z[:, 0].float(), target, reduction="none")
-    n1 = int((target == 1).sum())
-    n0 = target.numel() - n1
+    if valid is None:
+        n1 = int((target == 1).sum())
+        n0 = target.numel() - n1
+    else:
+        n1 = int(((target == 1) & valid).sum())
+        n0 = int(valid.sum()) - n1
     if n0 == 0:
         if zero_errors == "raise":
             raise ZeroDivisionError("ELN loss: the batch has no error pixel (n0 = 0); the "
@@ -66,13 +72,18 @@ def eln_bce(z: torch.Tensor, target: torch.Tensor, zero_errors: str = "raise") -
     else:
         w0 = n1 / n0
     weight = torch.where(target == 1, torch.ones_like(loss), torch.full_like(loss, w0))
-    return (loss * weight).mean()
+    if valid is None:
+        return (loss * weight).mean()
+    return (loss * weight * valid).sum() / valid.sum().clamp(min=1)
 
 
 def eln_loss(z: torch.Tensor, pred: torch.Tensor, label: torch.Tensor,
-             zero_errors: str = "raise") -> torch.Tensor:
-    """L_ELN(P) of one prediction: :func:`eln_bce` of ``z`` against :func:`eln_target`."""
-    return eln_bce(z, eln_target(pred, label), zero_errors)
+             zero_errors: str = "raise", ignore_as_error: bool = True) -> torch.Tensor:
+    """L_ELN(P) of one prediction: :func:`eln_bce` of ``z`` against :func:`eln_target`;
+    ``ignore_as_error=False`` leaves the ignore pixels out (the reference counts them as
+    errors)."""
+    valid = None if ignore_as_error else label != IGNORE
+    return eln_bce(z, eln_target(pred, label), zero_errors, valid)
 
 
 def gated_aux_loss(aux_losses: Sequence[torch.Tensor], sup: torch.Tensor,
@@ -149,8 +160,9 @@ def class_contrastive(anchors: torch.Tensor, keys: torch.Tensor, keep: torch.Ten
     classes = classes[classes != IGNORE]
     if len(classes) == 0:
         return 0.0
-    a_all = anchors.permute(1, 0, 2, 3).float()     # D x B x h x w
-    k_all = keys.permute(1, 0, 2, 3).float()
+    dtype = torch.float32 if anchors.dtype in (torch.float16, torch.bfloat16) else None
+    a_all = anchors.permute(1, 0, 2, 3).to(dtype or anchors.dtype)    # D x B x h x w
+    k_all = keys.permute(1, 0, 2, 3).to(dtype or keys.dtype)
     valid = lab != IGNORE
     total: Number = 0
     for c in classes:
