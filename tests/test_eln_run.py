@@ -1,0 +1,54 @@
+"""A tiny ELN run through its three stages with exp_voc/traineln.py: it trains, resumes
+bit-identically inside stage 3 (teacher, ELN and auxiliary decoders included) and evaluates
+with eval.py."""
+import re
+
+import pytest
+import torch
+
+from conftest import ROOT
+from helpers import make_voc, run_script
+from furnace.engine import checkpoint as ck
+
+TINY = ["backbone=resnet18", "backbone_width=8", "head_channels=8", "pretrained_model=none",
+        "eln.eln_pretrained=none", "amp=off", "image_height=48", "image_width=48",
+        "batch_size=4", "nepochs=4", "niters_per_epoch=2", "num_workers=0",
+        "snapshot_iter=1", "snapshot_from=-1", "eln.pre_epoch=1", "eln.eln_epoch=2",
+        "eln.window_size=8", "eln.proj_dim=4", "eln.empty_pseudo=zero",
+        "eln.zero_errors=unit", "labeled_ratio=2", "tb_images_every=1", "eval_crop_size=64"]
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    return make_voc(tmp_path_factory.mktemp("voc"), n_train=16, n_val=3, num_classes=5)
+
+
+def overrides(root, out, extra=()):
+    return ["-d", "cpu", "--set", f"dataset_path={root}", f"log_dir={out / 'log'}",
+            "num_classes=5", "class_names=none", *TINY, *extra]
+
+
+def test_three_stages_resume_and_eval(voc_root, tmp_path, monkeypatch):
+    script = ROOT / "exp_voc" / "traineln.py"
+    straight, split = tmp_path / "a", tmp_path / "b"
+    run_script(script, overrides(voc_root, straight), monkeypatch)
+    run_script(script, overrides(voc_root, split, ["stop_after_epoch=2"]), monkeypatch)
+    run_script(script, ["-c", "last"] + overrides(voc_root, split), monkeypatch)
+    a = ck.load_file(straight / "log" / "snapshot" / "epoch-3.pth")
+    b = ck.load_file(split / "log" / "snapshot" / "epoch-3.pth")
+    assert a["method"] == "eln"
+    assert {"model", "teacher", "eln", "aux1", "aux2", "optimizer"} <= set(a)
+    for key in ("model", "teacher", "eln", "aux1", "aux2"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    log = next((straight / "log").glob("train_*.log")).read_text()
+    for word in ("sup=", "aux=", "eln=", "pl_s=", "con_w=", "gates=", "kept="):
+        assert word in log, word
+    assert re.search(r"# val epoch 4 teacher", log) or "teacher" in log
+
+    from furnace.eval.cli import main as eval_main
+    data = ["--set", f"dataset_path={voc_root}", f"log_dir={straight / 'log'}",
+            "num_workers=0"]
+    res = eval_main(ROOT / "exp_voc", ["-e", "last", "-d", "cpu"] + data)
+    assert len(res) == 1 and 0.0 <= res[0]["miou"] <= 1.0
