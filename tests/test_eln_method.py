@@ -185,3 +185,49 @@ def test_stages_have_their_terms():
     total = t3["loss_sup"] + t3["loss_aux"] + t3["loss_eln"] + t3["loss_pl_s"] + \
         t3["loss_pl_w"] + t3["loss_con_s"] + t3["loss_con_w"]
     assert torch.allclose(total, t3["loss"], atol=1e-5)
+
+
+# -- weights and the ELN target options ------------------------------------------------------
+def test_eln_backbone_loads_torchvision_layout_like_the_reference(tmp_path):
+    from furnace.models.eln import load_eln_backbone_weights
+    from furnace.models.resnet import resnet34
+    torch.manual_seed(0)
+    src = resnet34(stem="classic", width=8)          # torchvision keys, 3-channel stem
+    state = {k: v for k, v in src.state_dict().items()
+             if not k.endswith("num_batches_tracked")}   # as the V1 torchvision file
+    state["fc.weight"] = torch.zeros(10, 64)
+    path = tmp_path / "resnet34.pth"
+    torch.save(state, path)
+    eln = ErrorLocalizationNet(5, width=8, inner=8, pretrained=path)
+    own = eln.backbone.state_dict()
+    assert len(own) == 216
+    shortcut = [k for k in own if ".0.downsample." in k]
+    loaded = [k for k in state if k in own and k != "conv1.weight" and k not in shortcut]
+    assert len(loaded) == 164
+    assert all(torch.equal(own[k], state[k]) for k in loaded)
+    assert eln.backbone.conv1.weight.shape[1] == 3 + 1 + 5
+    assert not torch.equal(own["layer2.0.downsample.0.weight"],
+                           state["layer2.0.downsample.0.weight"]), "shortcuts stay random"
+    fixed = ErrorLocalizationNet(5, width=8, inner=8, pretrained=path, load_shortcuts=True)
+    assert torch.equal(fixed.backbone.state_dict()["layer2.0.downsample.0.weight"],
+                       state["layer2.0.downsample.0.weight"])
+    with pytest.raises(FileNotFoundError, match="ELN backbone weights not found"):
+        ErrorLocalizationNet(5, width=8, inner=8, pretrained=tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="pretrained backbone weights not found"):
+        ELNSegNet(5, "resnet18", width=8, inner=8, pretrained=tmp_path / "missing.pth")
+
+
+def test_ignore_pixels_can_be_left_out_of_the_eln_target():
+    from furnace.losses.eln import eln_loss
+    label = torch.tensor([[[0, 1], [255, 1]]])
+    pred = torch.tensor([[[[2.0, 0.0], [0.0, 0.0]], [[0.0, 2.0], [2.0, 0.0]]]])  # 0 1 / 1 0
+    z = torch.tensor([[[[1.0, -1.0], [0.5, 2.0]]]])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    # faithful: the ignore pixel is an error; T = [1, 1; 0, 0], n1 = 2, n0 = 2
+    t = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    ref = bce(z[0, 0], t, reduction="none").mean()
+    assert torch.allclose(eln_loss(z, pred, label), ref, atol=1e-7)
+    # left out: three pixels, T = [1, 1, 0], w0 = 2
+    l = bce(z[0, 0], t, reduction="none")
+    ref2 = (l[0, 0] + l[0, 1] + 2 * l[1, 1]) / 3
+    assert torch.allclose(eln_loss(z, pred, label, ignore_as_error=False), ref2, atol=1e-7)

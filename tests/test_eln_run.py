@@ -52,3 +52,33 @@ def test_three_stages_resume_and_eval(voc_root, tmp_path, monkeypatch):
             "num_workers=0"]
     res = eval_main(ROOT / "exp_voc", ["-e", "last", "-d", "cpu"] + data)
     assert len(res) == 1 and 0.0 <= res[0]["miou"] <= 1.0
+
+
+def test_resume_inside_a_stage3_epoch(voc_root, tmp_path, monkeypatch):
+    """A run that dies inside a stage-3 epoch (after the student reset, between two steps)
+    resumes from its iteration snapshot without resetting the student again and ends with the
+    straight run's weights."""
+    from furnace.methods.eln import ELN
+    script = ROOT / "exp_voc" / "traineln.py"
+    extra = ["snapshot_every_iters=1", "eval_every=0"]
+    straight, split = tmp_path / "a", tmp_path / "b"
+    run_script(script, overrides(voc_root, straight, extra), monkeypatch)
+    original = ELN.after_step
+
+    def crash(self, *, iteration, epoch):
+        original(self, iteration=iteration, epoch=epoch)
+        if iteration == 7:        # epoch 3, iteration 1 (2 per epoch)
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(ELN, "after_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_script(script, overrides(voc_root, split, extra), monkeypatch)
+    monkeypatch.setattr(ELN, "after_step", original)
+    last = ck.load_file(split / "log" / "snapshot" / "epoch-last.pth")
+    assert last["resume_at"] == [3, 1] and last["extra"]["synced_epoch"] == 3
+    run_script(script, ["-c", "last"] + overrides(voc_root, split, extra), monkeypatch)
+    a = ck.load_file(straight / "log" / "snapshot" / "epoch-3.pth")
+    b = ck.load_file(split / "log" / "snapshot" / "epoch-3.pth")
+    for key in ("model", "teacher", "eln", "aux1", "aux2"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
