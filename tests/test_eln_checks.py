@@ -87,6 +87,9 @@ def test_t2_zero_logit_is_dropped():
     pseudo, keep, _ = eln_pseudo_labels(t, z)
     assert keep[0].tolist() == [[False, True]]
     assert pseudo[0].tolist() == [[255, 0]]
+    # from fp16 (the reference's autocast) a tiny positive logit rounds to "error" too
+    _, keep16, _ = eln_pseudo_labels(t.half(), torch.tensor([[[[1e-4, 1e-2]]]]).half())
+    assert keep16[0].tolist() == [[False, True]]
 
 
 # -- T3 ---------------------------------------------------------------------------------

@@ -104,9 +104,10 @@ def gated_aux_loss(aux_losses: Sequence[torch.Tensor], sup: torch.Tensor,
 
 def eln_pseudo_labels(teacher_logits: torch.Tensor, eln_logits: torch.Tensor):
     """(pseudo [B,h,w] with 255 where dropped, keep mask M [B,h,w] bool, argmax [B,h,w]):
-    M = round(sigmoid(z)) = 1 exactly when z > 0 (float32)."""
+    M = round(sigmoid(z)), computed in z's dtype as the reference: in float32 M = 1 exactly
+    when z > 0; from fp16 autocast, logits below about 1e-3 also round to 0 (section 10)."""
     argmax = teacher_logits.argmax(dim=1)
-    keep = torch.round(torch.sigmoid(eln_logits[:, 0].float())) == 1
+    keep = torch.round(torch.sigmoid(eln_logits[:, 0])) == 1
     pseudo = torch.where(keep, argmax, torch.full_like(argmax, IGNORE))
     return pseudo, keep, argmax
 

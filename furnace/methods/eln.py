@@ -259,7 +259,7 @@ class ELN(Method):
                 s_t, g_t = self._forward(self.teacher, x_w, gt_mode=True)
                 with autocast(dev.type, amp):
                     z_t = self.eln(x_w, s_t, gt_mode=True)
-                pseudo, keep, argmax = eln_pseudo_labels(s_t.float(), z_t.float())
+                pseudo, keep, argmax = eln_pseudo_labels(s_t, z_t)   # z_t's own dtype
             pl_s = filtered_pseudo_ce(s_s.float(), pseudo, o.empty_pseudo)
             pl_w = filtered_pseudo_ce(s_w.float(), pseudo, o.empty_pseudo)
             h, w = g_t.shape[-2:]
