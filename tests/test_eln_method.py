@@ -182,6 +182,8 @@ def test_stages_have_their_terms():
     assert all(torch.isfinite(v) for v in t3.values())
     assert any(p.grad is not None for p in m.student.decoder.proj.parameters())
     assert set(m.eval_models()) == {"model", "teacher"}
+    assert m.train_step(batches(), iteration=1, epoch=2, backward=lambda l: None)[2][
+        "logits"].shape == (4, 5, 48, 48), "both groups' logits"
     total = t3["loss_sup"] + t3["loss_aux"] + t3["loss_eln"] + t3["loss_pl_s"] + \
         t3["loss_pl_w"] + t3["loss_con_s"] + t3["loss_con_w"]
     assert torch.allclose(total, t3["loss"], atol=1e-5)
@@ -231,3 +233,16 @@ def test_ignore_pixels_can_be_left_out_of_the_eln_target():
     l = bce(z[0, 0], t, reduction="none")
     ref2 = (l[0, 0] + l[0, 1] + 2 * l[1, 1]) / 3
     assert torch.allclose(eln_loss(z, pred, label, ignore_as_error=False), ref2, atol=1e-7)
+
+
+def test_one_stage3_step_under_bf16_autocast():
+    torch.manual_seed(0)
+    C = tiny_config(empty_pseudo="zero")
+    m = ELN(C, MethodContext(amp=torch.bfloat16))
+    m.on_epoch_start(2, resumed=False)
+    m.train_mode()
+    loss, terms, extras = m.train_step(batches(), iteration=0, epoch=2,
+                                       backward=lambda l: l.backward())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert extras["logits"].shape == (4, 5, 48, 48)

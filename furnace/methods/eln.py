@@ -207,6 +207,7 @@ class ELN(Method):
         sl_l, sl_u = self.groups.slices(len(x_l)), self.groups.slices(len(x_w))
         G = len(sl_l)
         total: Dict[str, torch.Tensor] = {}
+        self._logits = []
         for g, a, b in zip(self.groups.indices, sl_l, sl_u):
             loss, terms = self._group_step(x_l[a], y_l[a], x_w[b],
                                            x_s[b] if x_s is not None else None, stage,
@@ -214,7 +215,7 @@ class ELN(Method):
             backward(loss / G)
             for k, v in terms.items():
                 total[k] = total.get(k, 0) + _t(v, x_l.device) / G
-        extras = {"image": x_l, "label": y_l, "logits": self._last_logits}
+        extras = {"image": x_l, "label": y_l, "logits": torch.cat(self._logits)}
         return total["loss"], total, extras
 
     def _forward(self, net, x, **kw):
@@ -227,7 +228,7 @@ class ELN(Method):
         # 1. supervised
         logits, _ = self._forward(self.student, x_l, with_proj=False)
         sup = sup_ce(logits.float(), y_l)
-        self._last_logits = upsample(logits.detach().float(), y_l.shape[-2:])
+        self._logits.append(upsample(logits.detach().float(), y_l.shape[-2:]))
         loss, terms = sup, {"loss_sup": sup}
         if stage >= 2:
             with autocast(dev.type, amp):
