@@ -246,3 +246,17 @@ def test_one_stage3_step_under_bf16_autocast():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(torch.isfinite(v) for v in terms.values())
     assert extras["logits"].shape == (4, 5, 48, 48)
+
+
+def test_eval_key_follows_the_option_and_the_stage():
+    m = tiny_method()
+    m.epoch = 3
+    assert m.extra_state()["eval_key"] == "model"
+    m2 = tiny_method(eval_network="teacher")
+    m2.epoch = 1
+    assert m2.extra_state()["eval_key"] == "model", "no teacher before stage 3"
+    m2.epoch = 2
+    assert m2.extra_state()["eval_key"] == "teacher"
+    assert ELN.eval_weights_key({"extra": {"eval_key": "teacher"}}) == "teacher"
+    assert ELN.eval_weights_key({}) == "model"
+

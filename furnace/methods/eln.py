@@ -288,13 +288,22 @@ class ELN(Method):
         return {"model": self.student}
 
     @classmethod
+    def eval_weights_key(cls, checkpoint: Mapping[str, Any]) -> str:
+        """``model`` (the student) unless the run chose ``eln.eval_network=teacher`` and the
+        checkpoint is from stage 3 (the file's ``eval_key``)."""
+        extra = checkpoint.get("extra") or {}
+        return str(extra.get("eval_key", "model"))
+
+    @classmethod
     def build_eval_model(cls, C: Config) -> nn.Module:
         return ELNSegNet(C.num_classes, C.backbone, width=int(C.get("backbone_width", 64)),
                          inner=int(C.head_channels), proj_dim=int(C.eln.proj_dim),
                          norm_layer=norm_from_config(C))
 
     def extra_state(self) -> Dict[str, Any]:
-        return {"epoch": int(self.epoch), "synced_epoch": int(self.synced_epoch)}
+        teacher = self.stage(self.epoch) == 3 and self.o.eval_network == "teacher"
+        return {"epoch": int(self.epoch), "synced_epoch": int(self.synced_epoch),
+                "eval_key": "teacher" if teacher else "model"}
 
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.epoch = int(state.get("epoch", 0))

@@ -41,6 +41,7 @@ def defaults() -> Config:
         eln_pretrained=None,           # torchvision resnet34 file for the ELN backbone
         eln_load_shortcuts=False,      # True: also load layerN.0 shortcuts (ref.: random)
         eval_teacher=True,             # stage 3: validate the teacher beside the student
+        eval_network="student",        # what eval.py evaluates of a stage-3 checkpoint
     )
 
 
@@ -61,6 +62,7 @@ def check(C: Config) -> None:
     v.number("eln.backbone_lr_mult", 0)
     v.one_of("eln.zero_errors", ("raise", "unit"))
     v.one_of("eln.empty_pseudo", ("nan", "zero"))
+    v.one_of("eln.eval_network", ("student", "teacher"))
     for key in ("student_reset", "train_bn_affine", "zero_grad_set_to_none",
                 "ignore_as_error", "eln_load_shortcuts", "eval_teacher"):
         v.one_of(f"eln.{key}", (True, False), "True or False")
