@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from furnace.config import ConfigError, base_config, validate
+from furnace.config import ConfigError, base_config
 from furnace.methods import MethodContext
 from furnace.methods.eln import ELN, copy_state, ema_update, eln_param_groups
 from furnace.methods.eln_options import check
@@ -191,7 +191,6 @@ def test_stages_have_their_terms():
 
 # -- weights and the ELN target options ------------------------------------------------------
 def test_eln_backbone_loads_torchvision_layout_like_the_reference(tmp_path):
-    from furnace.models.eln import load_eln_backbone_weights
     from furnace.models.resnet import resnet34
     torch.manual_seed(0)
     src = resnet34(stem="classic", width=8)          # torchvision keys, 3-channel stem

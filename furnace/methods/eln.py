@@ -28,6 +28,13 @@ AdamW (weight decay on every group) with the reference's six groups: encoder (lr
 decoder, ELN head, ELN backbone (lr x 0.1), auxiliary decoders 1 and 2; the main network's and
 the auxiliary decoders' BatchNorm gamma/beta are left out (``train_bn_affine=False``, the
 reference's SyncBN quirk); constant LR; ``zero_grad(set_to_none=False)`` as torch 1.11.
+
+Not reproduced (the engine's behaviour instead): the partial last batches of the reference's
+loaders (ours drop the last partial batch), its validation cadence (stage 1 every 10 epochs,
+stage 2 at epoch % 30 == 0: ours every ``eval_every``), its resume (it trains the saved epoch
+again; ours continues exactly), its unlabelled loader opening ground-truth files, and the
+reference's draws themselves (the windows come from a generator per iteration and group, the
+jitter from each sample's seed).
 """
 from __future__ import annotations
 
