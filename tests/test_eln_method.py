@@ -259,3 +259,19 @@ def test_eval_key_follows_the_option_and_the_stage():
     assert ELN.eval_weights_key({"extra": {"eval_key": "teacher"}}) == "teacher"
     assert ELN.eval_weights_key({}) == "model"
 
+
+def test_validation_cadence_of_the_reference():
+    m = tiny_method(pre_epoch=20, eln_epoch=70)
+    due = []
+    for e in range(75):
+        m.epoch = e
+        due.append(bool(m.eval_models()))
+    assert [e for e, d in enumerate(due) if d] == [0, 10, 30, 60, 70, 71, 72, 73, 74]
+    m.epoch = 71
+    assert set(m.eval_models()) == {"model", "teacher"}
+    m.epoch = 5
+    assert m.eval_models() == {}
+    m2 = tiny_method(pre_epoch=20, eln_epoch=70, val_cadence="all")
+    m2.epoch = 5
+    assert set(m2.eval_models()) == {"model"}
+

@@ -24,15 +24,17 @@ At the start of stage 3 the teacher becomes a full copy of the student (buffers 
 at every later epoch start the student becomes a full copy of the teacher (``student_reset``,
 AdamW's state kept). The teacher is in the checkpoint (the reference does not save it).
 
+Validation (every ``eval_every`` epochs) follows the reference's cadence by default
+(``val_cadence``: stage 1 after epochs e % 10 == 0, stage 2 e % 30 == 0, stage 3 always).
+
 AdamW (weight decay on every group) with the reference's six groups: encoder (lr x 0.1),
 decoder, ELN head, ELN backbone (lr x 0.1), auxiliary decoders 1 and 2; the main network's and
 the auxiliary decoders' BatchNorm gamma/beta are left out (``train_bn_affine=False``, the
 reference's SyncBN quirk); constant LR; ``zero_grad(set_to_none=False)`` as torch 1.11.
 
 Not reproduced (the engine's behaviour instead): the partial last batches of the reference's
-loaders (ours drop the last partial batch), its validation cadence (stage 1 every 10 epochs,
-stage 2 at epoch % 30 == 0: ours every ``eval_every``), its resume (it trains the saved epoch
-again; ours continues exactly), its unlabelled loader opening ground-truth files, and the
+loaders (ours drop the last partial batch), its resume (it trains the saved epoch again;
+ours continues exactly), its unlabelled loader opening ground-truth files, and the
 reference's draws themselves (the windows come from a generator per iteration and group, the
 jitter from each sample's seed).
 """
@@ -289,7 +291,18 @@ class ELN(Method):
                         bool(self.o.ignore_as_error))
 
     # -- evaluation, checkpoints, logs
+    def validation_due(self, epoch: int) -> bool:
+        """The reference validates after epoch e when e % 10 == 0 (stage 1), e % 30 == 0
+        (stage 2, absolute epoch) or always (stage 3)."""
+        if self.o.val_cadence != "reference":
+            return True
+        return epoch % {1: 10, 2: 30, 3: 1}[self.stage(epoch)] == 0
+
     def eval_models(self) -> Dict[str, nn.Module]:
+        """The student; in stage 3 also the teacher (``eval_teacher``); nothing when the
+        reference would not validate after this epoch (``val_cadence``)."""
+        if not self.validation_due(self.epoch):
+            return {}
         if self.stage(self.epoch) == 3 and self.o.eval_teacher:
             return {"model": self.student, "teacher": self.teacher}
         return {"model": self.student}

@@ -42,6 +42,9 @@ def defaults() -> Config:
         eln_load_shortcuts=False,      # True: also load layerN.0 shortcuts (ref.: random)
         eval_teacher=True,             # stage 3: validate the teacher beside the student
         eval_network="student",        # what eval.py evaluates of a stage-3 checkpoint
+        # validation after epoch e (every eval_every): 'reference' only when the reference
+        # validates (stage 1: e % 10 == 0, stage 2: e % 30 == 0, stage 3: every epoch), 'all'
+        val_cadence="reference",
     )
 
 
@@ -63,6 +66,7 @@ def check(C: Config) -> None:
     v.one_of("eln.zero_errors", ("raise", "unit"))
     v.one_of("eln.empty_pseudo", ("nan", "zero"))
     v.one_of("eln.eval_network", ("student", "teacher"))
+    v.one_of("eln.val_cadence", ("reference", "all"))
     for key in ("student_reset", "train_bn_affine", "zero_grad_set_to_none",
                 "ignore_as_error", "eln_load_shortcuts", "eval_teacher"):
         v.one_of(f"eln.{key}", (True, False), "True or False")
