@@ -128,7 +128,6 @@ def test_method_optimiser_is_one_adamw_with_constant_lr():
     (dict(pre_epoch=3, eln_epoch=3), "must be > pre_epoch"),
     (dict(pre_epoch=1, eln_epoch=4), "stage 3"),
     (dict(window_size=13), "do not fit"),
-    (dict(eln_pretrained="/nonexistent/resnet34.pth"), "does not exist"),
     (dict(zero_errors="skip"), "zero_errors"),
     (dict(aux_alphas=20), "aux_alphas"),
 ])

@@ -106,3 +106,17 @@ def test_torchrun_two_processes_one_reference_group_each(voc_root, tmp_path):
     m = re.search(r"max parameter difference across 2 ranks: (\S+)", text)
     assert m and float(m.group(1)) == 0.0
     assert "pl_s=" in text
+
+
+def test_missing_resnet34_weights_are_one_line_at_start(voc_root, tmp_path, capsys,
+                                                        monkeypatch):
+    script = ROOT / "exp_voc" / "traineln.py"
+    args = overrides(voc_root, tmp_path, ["eln.eln_pretrained=" + str(tmp_path / "r34.pth")])
+    with pytest.raises(SystemExit) as e:
+        run_script(script, args, monkeypatch)
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ELN backbone weights not found" in err[0], err
+    assert not (tmp_path / "log" / "snapshot").exists() or not any(
+        (tmp_path / "log" / "snapshot").glob("epoch-*.pth"))
+

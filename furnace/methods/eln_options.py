@@ -16,7 +16,6 @@ run (pre 70, ELN 50) is ``pre_epoch=70, eln_epoch=120``.
 from __future__ import annotations
 
 import math
-import os
 
 from ..config import Checks, Config, ConfigError
 from .options import OptionGroup, register_options
@@ -98,12 +97,6 @@ def check(C: Config) -> None:
             f"config key 'eln.window_size' is {e['window_size']} but the stride-4 feature map "
             f"of a {C.image_height}x{C.image_width} crop is {h}x{w}: the contrastive windows "
             "do not fit; lower eln.window_size or raise image_height/image_width")
-    path = e.get("eln_pretrained")
-    if path not in (None, "") and not os.path.isfile(str(path)):
-        raise ConfigError(
-            f"config key 'eln.eln_pretrained' names '{path}', which does not exist: put "
-            "torchvision's resnet34-333f7ec4.pth there, or set eln.eln_pretrained=none to "
-            "train the ELN backbone from scratch")
 
 
 OPTIONS = register_options(OptionGroup("eln", defaults, check,
