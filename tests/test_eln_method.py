@@ -274,3 +274,23 @@ def test_validation_cadence_of_the_reference():
     m2.epoch = 5
     assert set(m2.eval_models()) == {"model"}
 
+
+
+def test_gates_in_the_method_and_the_soft_gate_of_zero_grad():
+    torch.manual_seed(0)
+    m = tiny_method(aux_alphas=[0.0, 1e9])       # decoder 1 always in, decoder 2 never
+    _, t = run_step(m, 1)
+    assert t["gate1"].item() == 1.0 and t["gate2"].item() == 0.0
+    assert all(p.grad is not None for p in m.auxes[0].cls.parameters())
+    assert all(p.grad is None for p in m.auxes[1].parameters())
+    assert all(p.grad is None for p in m.auxes[0].proj.parameters()), "proj never used"
+    # the gate closes: with torch 1.11's zero_grad (set_to_none=False, the default) AdamW
+    # still moves decoder 1 (zero gradient, non-zero moments); with set_to_none it does not
+    for to_none, moves in ((False, True), (True, False)):
+        m.o.aux_alphas = [1e9, 1e9]
+        m.alphas = [1e9, 1e9]
+        m.zero_grad_set_to_none = to_none
+        before = m.auxes[0].cls[0].weight.detach().clone()
+        run_step(m, 1)
+        changed = not torch.equal(before, m.auxes[0].cls[0].weight)
+        assert changed == moves, to_none
