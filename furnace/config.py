@@ -154,10 +154,10 @@ CHOICES = {
     "stem": ("deep", "classic"),
     "output_stride": (8, 16),
     "eval_branch": (1, 2, "mean"),
-    "eval_mode": ("slide", "whole", "center_pad"),
-    "val_eval_mode": (None, "slide", "whole", "center_pad"),
+    "eval_mode": ("slide", "whole", "center_pad", "resize"),
+    "val_eval_mode": (None, "slide", "whole", "center_pad", "resize"),
     "eval_average": ("sum", "logits"),
-    "train_scale_mode": ("choice", "u2pl"),
+    "train_scale_mode": ("choice", "u2pl", "resize"),
     "amp": ("auto", "off", "bf16", "fp16"),
     "sup_loss": ("ce", "ohem"),
 }
@@ -207,7 +207,8 @@ def base_config() -> Config:
     # 'train_aug' reads lists named otherwise, such as U2PL's labeled.txt. eval_source: by name
     C.voc_train_folder = None
     # 'choice': a scale from train_scale_array; 'u2pl': p 0.5 U[min, 1) else U[1, max) of
-    # train_scale_array (U2PL: [0.5, 2.0]), size int(h*s) x int(w*s)
+    # train_scale_array (U2PL: [0.5, 2.0]), size int(h*s) x int(w*s); 'resize': resize to
+    # image_height x image_width ignoring the aspect ratio, flip, no crop (ELN's VOC)
     C.train_scale_mode = "choice"
     C.train_label_pad = 255                    # label of the crop padding (U2PL: 0)
     # CutMix boxes of the data layer's stream unlabeled0 (REFERENCE 3.5; loader.cutmix_collate),
@@ -274,8 +275,10 @@ def base_config() -> Config:
     C.eval_scale_array = [1]
     C.eval_flip = False
     C.eval_branch = 1
-    # 'slide' windows, 'whole' image, or 'center_pad': U2PL's VOC val (pad/centre-crop to
-    # eval_crop_size, one forward, mIoU over the crop; single scale)
+    # 'slide' windows, 'whole' image, 'resize' (ELN's VOC val: image and ground truth
+    # resized to eval_crop_size x eval_crop_size, one forward; single scale), or
+    # 'center_pad': U2PL's VOC val (pad/centre-crop to eval_crop_size, one forward, mIoU over
+    # the crop; single scale)
     C.eval_mode = "slide"
     # eval_mode of the validation during training (None: eval_mode); U2PL's Cityscapes code
     # validates on the central crop (center_pad) and keeps the best by that number
@@ -595,9 +598,9 @@ def validate(C: Config) -> None:
             min(C.train_scale_array) <= 1 <= max(C.train_scale_array)):
         fail("train_scale_array", "a list whose min <= 1 <= max with train_scale_mode='u2pl'",
              "U2PL draws from [min, 1) and [1, max); e.g. --set train_scale_array=[0.5,2.0]")
-    if "center_pad" in (C.get("eval_mode"), C.get("val_eval_mode")) and [
-            float(x) for x in C.eval_scale_array] != [1.0]:
-        fail("eval_scale_array", "[1] with eval_mode='center_pad'",
+    single = {"center_pad", "resize"} & {C.get("eval_mode"), C.get("val_eval_mode")}
+    if single and [float(x) for x in C.eval_scale_array] != [1.0]:
+        fail("eval_scale_array", f"[1] with eval_mode='{sorted(single)[0]}'",
              "that protocol is single-scale; --set eval_scale_array=[1]")
     for key in ("image_mean", "image_std"):
         value = C.get(key, [0, 0, 1])

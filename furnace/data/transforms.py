@@ -55,7 +55,7 @@ def random_scale(img: np.ndarray, label: Optional[np.ndarray], scales: Sequence[
     return img, label, s
 
 
-SCALE_MODES = ("choice", "u2pl")
+SCALE_MODES = ("choice", "u2pl", "resize")
 
 
 def draw_scale(scales: Sequence[float], rng: np.random.Generator, mode: str = "choice") -> float:
@@ -127,7 +127,10 @@ class TrainTransform:
         scales: candidate scale factors (e.g. [0.5, 0.75, 1, 1.5, 1.75, 2.0]); with
             scale_mode 'u2pl' only their min and max are used (see :func:`draw_scale`).
         mean, std: RGB normalisation on the 0-1 scale.
-        scale_mode: 'choice' (one of `scales`) or 'u2pl' (two-interval draw).
+        scale_mode: 'choice' (one of `scales`) or 'u2pl' (two-interval draw), each followed
+            by the random crop; or 'resize' (ELN's VOC): resize to exactly crop_hw, ignoring
+            the aspect ratio (image bilinear in float, label nearest), then the flip, no scale
+            draw and no crop.
         label_pad: label value of the padded border (255 = ignore; U2PL pads with 0).
     Call:
         transform(img, label, rng) with img uint8 [H,W,3] RGB, label uint8 [H,W] or None and a
@@ -169,6 +172,8 @@ class TrainTransform:
         self.std = [float(s) for s in std]
 
     def __call__(self, img: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator):
+        if self.scale_mode == "resize":
+            return self._resize(img, label, rng)
         img, label = random_mirror(img, label, rng)
         img, label, _ = random_scale(img, label, self.scales, rng, self.scale_mode)
         # Crop the uint8 image, normalise only the crop, then pad with 0.0: identical to the
@@ -183,4 +188,19 @@ class TrainTransform:
         data = np.ascontiguousarray(img.transpose(2, 0, 1))
         if label is not None:
             label = label.astype(np.int64)
+        return data, label
+
+    def _resize(self, img: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator):
+        """Mode 'resize': the image (as float, no rounding to uint8) bilinear and the label
+        nearest (source index floor(i * in / out)) to crop_hw, then the flip."""
+        ch, cw = self.crop_hw
+        img = cv2.resize(np.ascontiguousarray(img, dtype=np.float32), (cw, ch),
+                         interpolation=cv2.INTER_LINEAR)
+        if label is not None:
+            label = cv2.resize(np.ascontiguousarray(label), (cw, ch),
+                               interpolation=cv2.INTER_NEAREST)
+        img, label = random_mirror(img, label, rng)
+        data = np.ascontiguousarray(normalize(img, self.mean, self.std).transpose(2, 0, 1))
+        if label is not None:
+            label = np.ascontiguousarray(label).astype(np.int64)
         return data, label

@@ -85,9 +85,24 @@ def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
 
 def average_gradients(params: Iterable[torch.nn.Parameter], info: DistInfo,
                       bucket_bytes: int = 64 << 20) -> None:
-    """All-reduce and average the gradients of ``params`` in flattened buckets."""
+    """All-reduce and average the gradients of ``params`` in flattened buckets.
+
+    A parameter with a gradient on some ranks but none on others (a method whose losses
+    depend on each rank's data: a gate that opens on one rank only, an empty term) gets a zero
+    gradient on the others first, so every rank reduces the same buckets and the average is
+    what one process holding every rank's batch would compute; a parameter without a
+    gradient on every rank keeps none (optimisers skip it)."""
     if not info.distributed:
         return
+    params = list(params)
+    if not params:
+        return
+    dev = next((p.grad.device for p in params if p.grad is not None), params[0].device)
+    has = torch.tensor([float(p.grad is not None) for p in params], device=dev)
+    tdist.all_reduce(has, op=tdist.ReduceOp.MAX)
+    for p, h in zip(params, has.tolist()):
+        if h > 0 and p.grad is None:
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params if p.grad is not None]
     bucket, size = [], 0
     for g in grads + [None]:

@@ -512,6 +512,8 @@ def _validate(run: Run, epoch: int) -> Any:
     Returns the best mIoU so far: a fraction, or a dict by name for several models."""
     C, info, log = run.C, run.info, run.log
     models = run.method.eval_models()
+    if not models:          # the method skips this validation (e.g. its reference's cadence)
+        return run.best
     several = len(models) > 1
     best = dict(run.best) if several and isinstance(run.best, dict) else \
         {} if several else {name: run.best for name in models}

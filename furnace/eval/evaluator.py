@@ -24,6 +24,9 @@ Options for U2PL's protocols (docs: U2PL spec 5.4, 5.5), off by default:
   0 after normalisation) and centre-cropped to ``crop x crop``, one forward, and the
   prediction covers that crop; :meth:`SegEvaluator.eval_label` maps the ground truth to the same
   frame, its padding set to ``label_pad`` (U2PL: 0, counted as background; 255 leaves it out).
+* ``mode='resize'``: ELN's VOC validation. Each image is resized to ``crop x crop`` (bilinear,
+  align_corners=False, ignoring the aspect ratio), one forward, and the ground truth is
+  resized to the same frame (nearest): the score is against the resized labels.
 
 Networks that return logits smaller than their input (U2PL's decoder, stride 4) are upsampled
 to the input bilinearly with align_corners=True, as U2PL does; full-size logits are untouched.
@@ -43,7 +46,8 @@ from ..precision import amp_dtype, autocast
 
 Window = Tuple[int, int, int, int]
 
-MODES = ("slide", "whole", "center_pad")
+MODES = ("slide", "whole", "center_pad", "resize")
+FRAMED = ("center_pad", "resize")   # modes whose prediction is in the crop's frame
 AVERAGES = ("sum", "logits")
 
 
@@ -153,8 +157,8 @@ def normalization_lut(mean: Sequence[float], std: Sequence[float]) -> np.ndarray
 class Prediction:
     """Result of :meth:`SegEvaluator.predict` for one ``H x W`` image (tensors on the device).
 
-    pred: int64 [H, W], the argmax class (mode 'center_pad': [crop, crop], the frame of
-        :meth:`SegEvaluator.eval_label`).
+    pred: int64 [H, W], the argmax class (modes 'center_pad', 'resize': [crop, crop], the
+        frame of :meth:`SegEvaluator.eval_label`).
     score: [C, H, W] summed window logits over scales (float32 for one scale, float64 for
         several, as the reference's accumulator); with ``average='logits'`` each scale's
         windows (and flips) are averaged instead of summed.
@@ -214,8 +218,8 @@ class SegEvaluator:
             raise ValueError(f"eval_average must be one of {AVERAGES}, got {average!r}")
         if not scales:
             raise ValueError("eval_scale_array is empty; use [1] for single-scale evaluation")
-        if mode == "center_pad" and [float(s) for s in scales] != [1.0]:
-            raise ValueError(f"eval_mode 'center_pad' is single-scale (the prediction covers the "
+        if mode in ("center_pad", "resize") and [float(s) for s in scales] != [1.0]:
+            raise ValueError(f"eval_mode '{mode}' is single-scale (the prediction covers the "
                              f"padded crop); set eval_scale_array=[1], got {list(scales)}")
         if isinstance(label_pad, bool) or int(label_pad) != label_pad or \
                 not 0 <= int(label_pad) <= 255:
@@ -263,6 +267,9 @@ class SegEvaluator:
     def eval_label(self, label: torch.Tensor) -> torch.Tensor:
         """Ground truth [H, W] in the frame of ``Prediction.pred``: unchanged, except in mode
         'center_pad' where it is padded with ``label_pad`` and centre-cropped to the crop."""
+        if self.mode == "resize":
+            return F.interpolate(label[None, None].float(), size=(self.crop, self.crop),
+                                 mode="nearest")[0, 0].to(label.dtype)
         if self.mode != "center_pad":
             return label
         return center_pad_crop(label, self.crop, self.label_pad)
@@ -270,6 +277,9 @@ class SegEvaluator:
     def eval_image(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB image [H, W, 3] in the frame of ``Prediction.pred`` (for pictures): in
         mode 'center_pad' padded with the mean colour (what 0 after normalisation shows)."""
+        if self.mode == "resize":
+            return cv2.resize(np.ascontiguousarray(image), (self.crop, self.crop),
+                              interpolation=cv2.INTER_LINEAR)
         if self.mode != "center_pad":
             return image
         t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
@@ -353,9 +363,13 @@ class SegEvaluator:
         h, w = int(image.shape[0]), int(image.shape[1])
         x = self._normalize(image)
         passes = 2.0 if self.flip else 1.0
-        if self.mode in ("whole", "center_pad"):
+        if self.mode in ("whole", "center_pad", "resize"):
             if self.mode == "center_pad":   # pad with 0 after normalisation: the mean colour
                 x = center_pad_crop(x, self.crop, 0.0)
+                h = w = self.crop
+            elif self.mode == "resize":     # normalisation is per channel: it commutes
+                x = F.interpolate(x[None], size=(self.crop, self.crop), mode="bilinear",
+                                  align_corners=False)[0]
                 h = w = self.crop
             score, var, pair = self._forward(x[None])
             score, pair = score[0], (pair[0] if pair is not None else None)
@@ -430,14 +444,14 @@ class SegEvaluator:
             if self.uncertainty:  # averages per scale, resized like the score
                 mean = score / passes
                 pair = pair / passes if pair is not None else None
-                if tuple(score.shape[1:]) != (H, W) and self.mode != "center_pad":
+                if tuple(score.shape[1:]) != (H, W) and self.mode not in FRAMED:
                     mean = self._resize(mean, H, W)
                     pair = (self._resize(pair.flatten(0, 1), H, W).view(2, -1, H, W)
                             if pair is not None else None)
                 mean_total = mean if mean_total is None else mean_total + mean
                 if pair is not None:
                     pair_total = pair if pair_total is None else pair_total + pair
-            if tuple(score.shape[1:]) != (H, W) and self.mode != "center_pad":
+            if tuple(score.shape[1:]) != (H, W) and self.mode not in FRAMED:
                 score, var = self._resize_back(score, var, H, W)
             if len(self.scales) == 1:
                 total, var_total = score, var        # float32 argmax == float64 argmax here

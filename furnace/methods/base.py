@@ -156,7 +156,7 @@ class Method:
     def eval_models(self) -> Dict[str, nn.Module]:
         """The networks validated during training, by name (default: :meth:`eval_model`
         alone, validated as ``best.pth``); with several, each has its log line and its
-        ``best-<name>.pth``."""
+        ``best-<name>.pth``; an empty dict skips this epoch's validation."""
         return {self.checkpoint_model_key: self.eval_model()}
 
     @classmethod

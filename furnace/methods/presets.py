@@ -44,6 +44,41 @@ U2PL_CITY = _U2PL_COMMON + [
 # two reference groups of 4 + 4, the batch of a VOC reference GPU
 U2PL_DEMO = ["u2pl.head_lr_mult=1.0", "reference_gpus=2"]
 
+# ELN's settings (spec methods/ELN.md 4 and 6): torchvision-layout ResNet (classic stem) at
+# output stride 16 with the V1 ImageNet weights, the ELN's ResNet-34 from torchvision's
+# resnet34 file, AdamW at a constant 1e-4 (backbones 1e-5), weight decay 1e-5, fp16 with one
+# GradScaler, epochs of 266 iterations, 500 in all; the stages as the README's commands
+# (eln.eln_epoch = --pre_epoch + --eln_epoch); one reference GPU: 6 + 6 (VOC), 4 + 4
+# (Cityscapes), per-GPU BatchNorm.
+_ELN_COMMON = ["stem=classic", "output_stride=16", "head_channels=256", "backbone_width=64",
+               "lr=0.0001", "weight_decay=1e-05", "nepochs=500", "niters_per_epoch=266",
+               "amp=fp16", "reference_gpus=1", "eval_every=1", "eval_scale_array=[1]",
+               "eval_flip=False", "eval_mode=whole",
+               "eln.eln_pretrained=" + data_root("pytorch-weight", "resnet34-333f7ec4.pth")]
+ELN_VOC = _ELN_COMMON + [
+    "backbone=resnet101",
+    "pretrained_model=" + data_root("pytorch-weight", "resnet101-5d3b4d8f.pth"),
+    "batch_size=6", "image_height=505", "image_width=505",
+    # a fixed 505 x 505 resize (aspect ratio ignored) and a flip; evaluated on the image and
+    # the ground truth resized alike
+    "train_scale_mode=resize", "eval_mode=resize", "eval_crop_size=505",
+    "eln.pre_epoch=70", "eln.eln_epoch=120",
+    # checkpoints as the reference's: stage-3 epochs e % 10 == 0 (e > snapshot_from)
+    "snapshot_iter=10", "snapshot_from=119"]
+ELN_CITY = _ELN_COMMON + [
+    "backbone=resnet50",
+    "pretrained_model=" + data_root("pytorch-weight", "resnet50-19c8e357.pth"),
+    "batch_size=4", "image_height=512", "image_width=1024",
+    # a 512 x 1024 crop from the full resolution, no scaling; the whole 1024 x 2048 image
+    "train_scale_array=[1]", "train_scale_mode=choice",
+    "eln.pre_epoch=100", "eln.eln_epoch=158", "snapshot_iter=10", "snapshot_from=157"]
+# the demo keeps its budget and data; 4 epochs = one of stage 1, one of stage 2, two of
+# stage 3; its 64 x 64 crops give 16 x 16 maps at stride 4, so 8 x 8 contrastive windows; no
+# ImageNet weights, so a higher AdamW lr; batch 8 + 8 as two reference groups of 4 + 4
+ELN_DEMO = ["stem=classic", "lr=0.001", "weight_decay=1e-05", "reference_gpus=2",
+            "eln.pre_epoch=1", "eln.eln_epoch=2", "eln.window_size=8",
+            "eln.eln_pretrained=none"]
+
 #: method -> preset -> key=value strings (train.py, trainal.py, traine.py, traincpcl.py)
 BUILTIN_PRESETS: Dict[str, Mapping[str, List[str]]] = {
     "dueb": {"full": _dueb(True, True), "aleatoric": _dueb(True, False),
@@ -53,6 +88,7 @@ BUILTIN_PRESETS: Dict[str, Mapping[str, List[str]]] = {
     # exp_*/trainu2pl.py and trainu2pl_suponly.py pick the folder's preset
     "u2pl": {"voc": U2PL_VOC, "city": U2PL_CITY, "demo": U2PL_DEMO},
     "u2pl_suponly": {"voc": U2PL_VOC, "city": U2PL_CITY, "demo": U2PL_DEMO},
+    "eln": {"voc": ELN_VOC, "city": ELN_CITY, "demo": ELN_DEMO},
 }
 
 

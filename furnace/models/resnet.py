@@ -125,13 +125,21 @@ class Bottleneck(nn.Module):
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
 
-def _stage_plan(output_stride: int, dilate_first_block: bool = True) -> List[tuple]:
+def _stage_plan(output_stride: int, dilate_first_block: bool = True,
+                dilated: bool = True) -> List[tuple]:
     """(stride, per-block dilation rule) for layer1..layer4 at the given output stride.
 
-    The rule is a function ``block_index -> dilation``.
+    The rule is a function ``block_index -> dilation``. ``dilated=False`` keeps the strides
+    of ``output_stride`` but dilation 1 everywhere.
     """
     def plain(_i: int) -> int:
         return 1
+
+    if not dilated:
+        strides = {32: (1, 2, 2, 2), 16: (1, 2, 2, 1), 8: (1, 2, 1, 1)}.get(output_stride)
+        if strides is None:
+            raise ValueError(f"output_stride must be one of 8, 16, 32, got {output_stride!r}")
+        return [(s, plain) for s in strides]
 
     if output_stride == 8 and not dilate_first_block:
         # torchvision convention: block 0 of the newly dilated layer3 still sees the stride-8
@@ -163,6 +171,8 @@ class ResNet(nn.Module):
         dilate_first_block: False leaves layer3's block 0 undilated at output stride 8.
         ceil_pool: the stem max-pool rounds up (``ceil_mode=True``).
         in_chans: input channels of the stem's first convolution.
+        dilated: False keeps the strides of ``output_stride`` without any dilation (ELN's
+            error-localisation ResNet-34: layer4 at stride 1 and dilation 1).
         width: channels of layer1's blocks (64 = the reference); the stages have width x
             (1, 2, 4, 8) and the stem scales with it (a CPU-sized option, e.g. the demo's 16).
 
@@ -174,7 +184,8 @@ class ResNet(nn.Module):
     def __init__(self, block: Block, layers: Sequence[int], *, stem: str = "deep",
                  output_stride: int = 16, norm_layer: NormLayer = nn.BatchNorm2d,
                  stem_width: Optional[int] = None, dilate_first_block: bool = True,
-                 ceil_pool: bool = False, in_chans: int = 3, width: int = 64) -> None:
+                 ceil_pool: bool = False, in_chans: int = 3, width: int = 64,
+                 dilated: bool = True) -> None:
         super().__init__()
         if stem not in ("deep", "classic"):
             raise ValueError(f"stem must be 'deep' or 'classic', got {stem!r}")
@@ -182,7 +193,7 @@ class ResNet(nn.Module):
             raise ValueError(f"layers must list 4 stage depths, got {list(layers)}")
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"width must be a positive integer, got {width!r}")
-        plan = _stage_plan(output_stride, dilate_first_block)
+        plan = _stage_plan(output_stride, dilate_first_block, dilated)
         stem_width = width if stem_width is None else stem_width
         self.stem = stem
         self.output_stride = output_stride
