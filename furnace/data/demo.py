@@ -17,7 +17,8 @@ same bytes.
 
 Layout under root (as the CPS 'pascal_voc' archive):
     train_aug/image/<id>.png  train_aug/label/<id>.png  val/image/<id>.png  val/label/<id>.png
-    train_aug.txt  val.txt  subset_train_aug/train_aug_{labeled,unlabeled}_1-{2,4,8,16,32,64,80,128}.txt
+    train_aug.txt  val.txt
+    subset_train_aug/train_aug_{labeled,unlabeled}_1-{2,4,8,16,32,64,80,128}.txt
     demo_stamp.json (written last; marks a complete dataset)
 """
 from __future__ import annotations

@@ -17,14 +17,13 @@ dataset_path).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 from typing import Dict, Optional, Sequence, Tuple
 
-from .datasets import DataError, read_list_file
-from .u2pl_splits import LAYOUTS, detect_layout, u2pl_pair
+from .datasets import DataError
+from .u2pl_splits import split_cli, write_pairs
 
 _NAME = re.compile(r"^(?P<ratio>\d+)_labeled_(?P<set>\d+)\.txt$")
 
@@ -42,55 +41,13 @@ def pair_file_names(list_path: str) -> Tuple[str, str]:
 def write_eln_pairs(labeled_lists: Sequence[str], full_list: str, out_dir: str,
                     layout: Optional[str] = None) -> Dict[str, Tuple[str, str]]:
     """Write one list pair per ELN labelled list; returns {labelled list: (lab, unlab)}."""
-    full = read_list_file(full_list)
-    layout = layout or detect_layout([l for _, l in full])
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DataError(f"--out {out_dir} is a file; it must name a folder for the lists")
-    parts = {}
-    for path in labeled_lists:
-        names = pair_file_names(path)
-        lab, unlab = u2pl_pair(read_list_file(path), full, layout, path, full_list)
-        parts[path] = (names, lab, unlab)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create --out folder {out_dir}: {e.strerror}") from e
-    out = {}
-    for path, (names, lab, unlab) in parts.items():
-        written = []
-        for name, lines in zip(names, (lab, unlab)):
-            p = os.path.join(out_dir, name)
-            with open(p, "w", encoding="utf-8", newline="\n") as f:
-                f.write("".join(x + "\n" for x in lines))
-            written.append(p)
-        out[path] = tuple(written)
-    return out
+    return write_pairs(labeled_lists, full_list, out_dir, layout,
+                       lambda path, _lab: pair_file_names(path))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m furnace.data.eln_splits",
-        description="Write our labelled/unlabelled list pair for ELN's labelled split lists.")
-    ap.add_argument("--full", required=True,
-                    help="our full training list (VOC train_aug.txt, Cityscapes train.txt)")
-    ap.add_argument("--labeled", required=True, nargs="+",
-                    help="ELN labelled list(s), e.g. exp_voc/splits_eln/20_labeled_0.txt")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--layout", choices=LAYOUTS, default=None,
-                    help="line format (default: from the full list)")
-    a = ap.parse_args(argv)
-    try:
-        out = write_eln_pairs(a.labeled, a.full, a.out, a.layout)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for src, (pl, pu) in out.items():
-        with open(pl) as f:
-            nl = sum(1 for _ in f)
-        with open(pu) as f:
-            nu = sum(1 for _ in f)
-        print(f"{src}: {nl} labelled -> {pl}; {nu} unlabelled -> {pu}")
-    return 0
+    return split_cli(argv, "python -m furnace.data.eln_splits", "ELN's",
+                     "exp_voc/splits_eln/20_labeled_0.txt", write_eln_pairs)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .datasets import DataError, read_list_file, u2pl_city_entry
 
@@ -92,11 +92,15 @@ def u2pl_pair(labeled: Sequence[Tuple[int, str]], full: Sequence[Tuple[int, str]
     return lab, unlab
 
 
-def write_u2pl_pairs(labeled_lists: Sequence[str], full_list: str, out_dir: str,
-                     layout: Optional[str] = None) -> Dict[str, Tuple[str, str]]:
-    """Write one list pair per U2PL labelled list; returns {labelled list: (lab, unlab paths)}.
-
-    ``layout``: 'voc' | 'city' | None (from the full list, see :func:`detect_layout`).
+def write_pairs(labeled_lists: Sequence[str], full_list: str, out_dir: str,
+                layout: Optional[str],
+                names_of: Callable[[str, List[str]], Tuple[str, str]],
+                ) -> Dict[str, Tuple[str, str]]:
+    """Write one labelled/unlabelled list pair per labelled list of a reference (U2PL, ELN):
+    the labelled entries and the rest of the full list, both as full-list lines in full-list
+    order. ``names_of(list path, labelled lines)``: the pair's two file names. Two lists
+    that would write the same files, or an output that is one of the inputs, are a
+    DataError before anything is written. Returns {labelled list: (lab path, unlab path)}.
     """
     full = read_list_file(full_list)
     layout = layout or detect_layout([l for _, l in full])
@@ -105,13 +109,12 @@ def write_u2pl_pairs(labeled_lists: Sequence[str], full_list: str, out_dir: str,
     pairs, names = {}, {}
     for path in labeled_lists:
         lab, unlab = u2pl_pair(read_list_file(path), full, layout, path, full_list)
-        names_n = pair_file_names(len(lab))
-        if names_n in names:
-            raise DataError(f"--labeled {path} and {names[names_n]} both have {len(lab)} "
-                            f"entries and would write the same files; convert them into "
-                            f"different --out folders")
-        names[names_n] = path
-        pairs[path] = (lab, unlab, names_n)
+        pair_names = names_of(path, lab)
+        if pair_names in names:
+            raise DataError(f"--labeled {path} and {names[pair_names]} would both write "
+                            f"{pair_names[0]}; convert them into different --out folders")
+        names[pair_names] = path
+        pairs[path] = (lab, unlab, pair_names)
     inputs = [full_list, *labeled_lists]
     for _, _, (ln, un) in pairs.values():
         for name in (ln, un):
@@ -138,21 +141,34 @@ def write_u2pl_pairs(labeled_lists: Sequence[str], full_list: str, out_dir: str,
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def write_u2pl_pairs(labeled_lists: Sequence[str], full_list: str, out_dir: str,
+                     layout: Optional[str] = None) -> Dict[str, Tuple[str, str]]:
+    """Write one list pair per U2PL labelled list; returns {labelled list: (lab, unlab paths)}.
+
+    ``layout``: 'voc' | 'city' | None (from the full list, see :func:`detect_layout`).
+    """
+    return write_pairs(labeled_lists, full_list, out_dir, layout,
+                       lambda _path, lab: pair_file_names(len(lab)))
+
+
+def split_cli(argv: Optional[Sequence[str]], prog: str, reference: str, example: str,
+              write: Callable[..., Dict[str, Tuple[str, str]]]) -> int:
+    """The command line of a reference's split converter (exit 0, or 2 with one error line)."""
     ap = argparse.ArgumentParser(
-        prog="python -m furnace.data.u2pl_splits",
-        description="Write our labelled/unlabelled list pair for U2PL labelled split lists.")
+        prog=prog,
+        description=f"Write our labelled/unlabelled list pair for {reference} labelled split "
+                    "lists.")
     ap.add_argument("--full", required=True,
                     help="our full training list (VOC train_aug.txt, Cityscapes "
                          "config_new/train.txt)")
     ap.add_argument("--labeled", required=True, nargs="+",
-                    help="U2PL labelled list(s), e.g. exp_voc/splits_u2pl/1464/labeled.txt")
+                    help=f"{reference} labelled list(s), e.g. {example}")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--layout", choices=LAYOUTS, default=None,
                     help="line format (default: from the full list)")
     a = ap.parse_args(argv)
     try:
-        out = write_u2pl_pairs(a.labeled, a.full, a.out, a.layout)
+        out = write(a.labeled, a.full, a.out, a.layout)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -163,6 +179,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             nu = sum(1 for _ in f)
         print(f"{src}: {nl} labelled -> {pl}; {nu} unlabelled -> {pu}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return split_cli(argv, "python -m furnace.data.u2pl_splits", "U2PL",
+                     "exp_voc/splits_u2pl/1464/labeled.txt", write_u2pl_pairs)
 
 
 if __name__ == "__main__":
