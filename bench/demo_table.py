@@ -1,10 +1,11 @@
 """The semi-supervised table on the demo data: baselines and ablations at one budget, over seeds.
 
-    python bench/demo_table.py [--seeds 0 1 2] [--ratio 32] [--methods sup cpcl dueb ...]
-                               [--set key=value ...] [--out img/demo_table_r32]
+    python bench/demo_table.py [--seeds 0 1 2] [--ratio 80] [--methods sup cpcl dueb ...]
+                               [--set key=value ...] [--out img/demo_table_r80]
 
-Trains, on DATA/demo at 1/ratio labels with the exp_demo settings (plus --set), every method of
---methods for every seed, evaluates each on the val list and writes <out>.md (per-seed values
+Trains, on DATA/demo at 1/ratio labels (default: the exp_demo config's) with the exp_demo
+settings (plus --set), every method of --methods for every seed, evaluates each on the val
+list and writes <out>.md (per-seed values
 and mean ± std over seeds of mIoU, pixel accuracy and train time) and <out>.png (mIoU bars with
 the std as error bars). With the rows `sup` and `full` present, each method also gets its share
 of the gap recovered, (method - sup) / (full - sup) per seed (0 = supervised on the labelled
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--ratio", type=int, default=32)
+    ap.add_argument("--ratio", type=int, default=None,
+                    help="labelled ratio 1/N (default: the exp_demo config's)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--device", default="")
     ap.add_argument("--out", default=None, help="default: img/demo_table_r<ratio>")
@@ -171,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cached-only", action="store_true",
                     help="tabulate the runs in the cache only (missing ones show as –)")
     args = ap.parse_args(argv)
+    if args.ratio is None:
+        args.ratio = load_config(ROOT / "exp_demo", env={}).labeled_ratio
     out = Path(args.out or ROOT / "img" / f"demo_table_r{args.ratio}")
     out.parent.mkdir(parents=True, exist_ok=True)
     cache = out.with_suffix(".runs.jsonl")
@@ -213,8 +217,9 @@ def main(argv=None) -> int:
     text = table(rows, args.methods, args.seeds, header)
     print(text)
     out.with_suffix(".md").write_text(text)
-    plot(rows, args.methods, args.seeds, out.with_suffix(".png"), title)
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    if rows:
+        plot(rows, args.methods, args.seeds, out.with_suffix(".png"), title)
+    print(f"wrote {out.with_suffix('.md')}" + (f" and {out.with_suffix('.png')}" if rows else ""))
     return 0
 
 
