@@ -99,6 +99,13 @@ def free_port():
         return s.getsockname()[1]
 
 
+def script_args(root, out, tiny, extra=()):
+    """A tiny experiment script's command line on the fake VOC data at ``root`` (5 classes,
+    CPU), writing under ``out``: the script's ``tiny`` keys, then ``extra``."""
+    return ["-d", "cpu", "--set", f"dataset_path={root}", f"log_dir={out / 'log'}",
+            "num_classes=5", "class_names=none", *tiny, *extra]
+
+
 def run_script(path, args, monkeypatch):
     """Run an experiment script as ``python path args...`` in this process."""
     monkeypatch.setattr(sys, "argv", [str(path)] + list(args))

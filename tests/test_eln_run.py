@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers import make_voc, run_script
+from helpers import make_voc, run_script, script_args
 from furnace.engine import checkpoint as ck
 
 TINY = ["backbone=resnet18", "backbone_width=8", "head_channels=8", "pretrained_model=none",
@@ -24,8 +24,7 @@ def voc_root(tmp_path_factory):
 
 
 def overrides(root, out, extra=()):
-    return ["-d", "cpu", "--set", f"dataset_path={root}", f"log_dir={out / 'log'}",
-            "num_classes=5", "class_names=none", *TINY, *extra]
+    return script_args(root, out, TINY, extra)
 
 
 def test_three_stages_resume_and_eval(voc_root, tmp_path, monkeypatch):

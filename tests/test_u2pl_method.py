@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers import free_port, make_voc, run_script
+from helpers import free_port, make_voc, run_script, script_args
 from furnace.config import base_config, load_config
 from furnace.methods.presets import script_overrides
 from furnace.eval.loop import evaluate_model
@@ -31,8 +31,7 @@ def voc_root(tmp_path_factory):
 
 
 def overrides(root, out, extra=()):
-    return ["-d", "cpu", "--set", f"dataset_path={root}", f"log_dir={out / 'log'}",
-            "num_classes=5", "class_names=none", *TINY, *extra]
+    return script_args(root, out, TINY, extra)
 
 
 def tiny_method(niters=100, sup_only_epoch=1):
