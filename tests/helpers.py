@@ -106,6 +106,19 @@ def script_args(root, out, tiny, extra=()):
             "num_classes=5", "class_names=none", *tiny, *extra]
 
 
+def torchrun_script(path, args, nproc=2, timeout=500):
+    """Run an experiment script under ``torchrun --nproc_per_node=nproc`` (one CPU thread a
+    process) and return the finished process, checked to have exited 0."""
+    import os
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(path), *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
 def run_script(path, args, monkeypatch):
     """Run an experiment script as ``python path args...`` in this process."""
     monkeypatch.setattr(sys, "argv", [str(path)] + list(args))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers import make_voc, run_script, script_args
+from helpers import make_voc, run_script, script_args, torchrun_script
 from furnace.engine import checkpoint as ck
 
 TINY = ["backbone=resnet18", "backbone_width=8", "head_channels=8", "pretrained_model=none",
@@ -90,16 +90,9 @@ def test_resume_inside_a_stage3_epoch(voc_root, tmp_path, monkeypatch):
 def test_torchrun_two_processes_one_reference_group_each(voc_root, tmp_path):
     """Two processes of one reference group each (per-process BatchNorm, per-rank gates and
     contrastive terms): every rank steps the same parameters and they stay identical."""
-    import os
-    import subprocess
-    import sys
-    from helpers import free_port
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(ROOT / "exp_voc" / "traineln.py"),
-           *overrides(voc_root, tmp_path, ["nepochs=3", "reference_gpus=2", "eval_every=0"])]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun_script(ROOT / "exp_voc" / "traineln.py",
+                    overrides(voc_root, tmp_path, ["nepochs=3", "reference_gpus=2",
+                                                   "eval_every=0"]))
     text = next((tmp_path / "log").glob("train_*.log")).read_text()
     assert "world_size=2 reference_groups=1/process of 2" in text
     m = re.search(r"max parameter difference across 2 ranks: (\S+)", text)

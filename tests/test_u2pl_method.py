@@ -1,15 +1,12 @@
 """U2PL on the engine: the EMA rule (C6), a tiny run that trains, resumes bit-identically
 (queues included) and evaluates with eval.py, the 2-process torchrun run, SupOnly."""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import ROOT
-from helpers import free_port, make_voc, run_script, script_args
+from helpers import make_voc, run_script, script_args, torchrun_script
 from furnace.config import base_config, load_config
 from furnace.methods.presets import script_overrides
 from furnace.eval.loop import evaluate_model
@@ -150,12 +147,8 @@ def test_suponly_trains_without_teacher_or_rep_head(voc_root, tmp_path, monkeypa
 
 
 def test_torchrun_two_processes(voc_root, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(ROOT / "exp_voc" / "trainu2pl.py"),
-           *overrides(voc_root, tmp_path, ["nepochs=2", "u2pl.sup_only_epoch=0"])]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun_script(ROOT / "exp_voc" / "trainu2pl.py",
+                    overrides(voc_root, tmp_path, ["nepochs=2", "u2pl.sup_only_epoch=0"]))
     text = next((tmp_path / "log").glob("train_*.log")).read_text()
     # the VOC preset's 4 reference GPUs: 2 groups per process, contrastive weight 1/4
     assert "world_size=2 reference_groups=2/process of 4" in text and "weight 0.25" in text
