@@ -6,7 +6,8 @@ from torch import nn
 
 from furnace.config import ConfigError, base_config
 from furnace.methods import MethodContext
-from furnace.methods.eln import ELN, copy_state, ema_update, eln_param_groups
+from furnace.methods.common import ema_update
+from furnace.methods.eln import ELN, copy_state, eln_param_groups
 from furnace.methods.eln_options import check
 from furnace.methods.groups import ReferenceGroups
 from furnace.models.eln import ELNDecoder, ELNSegNet, ErrorLocalizationNet

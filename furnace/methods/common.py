@@ -1,4 +1,5 @@
-"""Pieces several methods share: the supervised criterion and the reference SGD groups."""
+"""Pieces several methods share: the supervised criterion, the reference SGD groups and the
+mean teacher's EMA step."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +30,11 @@ def make_sgd(branch: torch.nn.Module, C, learn_variance: bool = False) -> torch.
     norm layers), momentum and weight decay from the config."""
     groups = param_groups(branch, C.lr, C.weight_decay, learn_variance=learn_variance)
     return torch.optim.SGD(groups, lr=C.lr, momentum=C.momentum, weight_decay=C.weight_decay)
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """theta_t <- decay theta_t + (1 - decay) theta_s, in place, over parameters only (BN
+    buffers not: U2PL's and ELN's teachers keep their own statistics)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s, alpha=1.0 - decay)

@@ -56,7 +56,9 @@ from ..models.eln import ELNDecoder, ELNSegNet, ErrorLocalizationNet
 from ..models.network import norm_from_config
 from ..precision import autocast
 from .base import Method, MethodContext
+from .common import ema_update
 from .eln_options import OPTIONS  # C.eln: defaults, checks (torch-free)
+from .groups import group_seed
 from .presets import BUILTIN_PRESETS
 from .registry import register
 
@@ -67,13 +69,6 @@ from .registry import register
 def copy_state(dst: nn.Module, src: nn.Module) -> None:
     """dst <- src, parameters and buffers, in place (optimisers keep their references)."""
     dst.load_state_dict(src.state_dict())
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """theta_t <- decay theta_t + (1 - decay) theta_s over parameters only (BN buffers not)."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(decay).add_(s, alpha=1.0 - decay)
 
 
 def _params(module: nn.Module, with_bn: bool) -> List[nn.Parameter]:
@@ -115,8 +110,7 @@ def eln_param_groups(student: ELNSegNet, eln: ErrorLocalizationNet,
 def window_rng(seed: int, iteration: int, group: int) -> random.Random:
     """The contrastive windows' generator of one reference group at one iteration: a function
     of the seed, the iteration and the global group only (any launch, a resumed run)."""
-    return random.Random(((int(seed) * 1_000_003 + int(iteration)) * 1_009 + int(group))
-                         % 2 ** 63)
+    return random.Random(group_seed(seed, iteration, group))
 
 
 def _t(x, device) -> torch.Tensor:

@@ -64,3 +64,10 @@ def reference_groups(reference_gpus: Optional[int], batch_size: int, world_size:
                          "(each holds whole groups), or change reference_gpus")
     per = W // world_size
     return ReferenceGroups(per_process=per, first=rank * per, total=W)
+
+
+def group_seed(seed: int, iteration: int, group: int) -> int:
+    """The seed of one reference group's random draws at one iteration: a function of the run
+    seed, the iteration and the global group index only, so the draws do not depend on how
+    the groups are spread over processes, and a resumed run draws the same."""
+    return ((int(seed) * 1_000_003 + int(iteration)) * 1_009 + int(group)) % 2 ** 63

@@ -50,10 +50,10 @@ from ..losses.reliability import (entropy, entropy_masks, keep_percent,
 from ..models import u2pl_network_from_config
 from ..precision import autocast, upcast
 from .base import Method, MethodContext
-from .groups import ReferenceGroups
+from .groups import ReferenceGroups, group_seed
 from .presets import BUILTIN_PRESETS
 from .registry import register
-from .common import IGNORE
+from .common import IGNORE, ema_update
 from .u2pl_options import OPTIONS  # C.u2pl: defaults, checks (torch-free)
 
 # defaults of the two contrastive modes (spec 3.7, Table A1 and 10.1): anchors, keys, weight,
@@ -75,11 +75,9 @@ def contrastive_weights(weight, reference_gpus: int):
 
 
 def draw_generator(seed: int, iteration: int, group: int) -> torch.Generator:
-    """The CPU generator of a group's contrastive draws at one iteration: a function of the
-    seed, the iteration and the global group index only, so the draws do not depend on how
-    the groups are spread over processes, and a resumed run draws the same."""
-    return torch.Generator().manual_seed(
-        ((int(seed) * 1_000_003 + int(iteration)) * 1_009 + int(group)) % 2 ** 63)
+    """The CPU generator of a group's contrastive draws at one iteration
+    (:func:`~furnace.methods.groups.group_seed`)."""
+    return torch.Generator().manual_seed(group_seed(seed, iteration, group))
 
 
 def upsample(x: torch.Tensor, size) -> torch.Tensor:
@@ -198,9 +196,7 @@ class U2PL(Method):
             self.copy_student()      # the reference aliases T to S throughout this epoch
             return
         k = iteration - self.niters * start
-        d = min(1.0 - 1.0 / (k + 1), float(self.o.ema_decay))
-        for t, s in zip(self.teacher.parameters(), self.student.parameters()):
-            t.mul_(d).add_(s, alpha=1.0 - d)
+        ema_update(self.teacher, self.student, min(1.0 - 1.0 / (k + 1), float(self.o.ema_decay)))
 
     # -- one iteration
     def train_step(self, batches, *, iteration, epoch, backward):
