@@ -33,6 +33,13 @@ convention, sets both the other way):
 * ``ceil_pool`` (False): the stem max-pool floors; True rounds up (``ceil_mode``), so an even
   input such as 512 gives 129 at stride 4 (as 513 does) instead of 128.
 
+``dilation_pattern`` names the dilation convention of the dilated stages: ``'multi_grid'`` (the
+default, everything above) or ``'encoding'``, PyTorch-Encoding's dilated ResNet (LPL's backbone,
+output stride 8 only): every block of a stage with dilation d uses d except block 0, which uses
+1 if d <= 2 else d / 2, so layer3 is 1, 2, 2, ... and layer4 2, 4, 4 (no multi-grid). In a
+BasicBlock both 3x3 convs take the block's dilation here, while PyTorch-Encoding gives a block 0's
+second conv the stage's dilation (it only matters for ResNet-18/34, which LPL does not use).
+
 ``in_chans`` (3) is the number of input channels of the stem's first convolution (ELN's
 error-localisation network reads image, logits and entropy together).
 """
@@ -60,6 +67,7 @@ NormLayer = Callable[[int], nn.Module]
 
 # Dilation of each block's 3x3 convs in layer4, relative to the dilation of the stage before it.
 MULTI_GRID = (1, 2, 4)
+DILATION_PATTERNS = ("multi_grid", "encoding")
 
 
 
@@ -125,15 +133,35 @@ class Bottleneck(nn.Module):
 Block = Union[Type[BasicBlock], Type[Bottleneck]]
 
 
+def _encoding_rule(dilation: int) -> Callable[[int], int]:
+    """PyTorch-Encoding's stage rule: block 0 takes 1 (stage dilation <= 2) or half the
+    stage's dilation, every later block the stage's dilation."""
+    first = 1 if dilation <= 2 else dilation // 2
+    return lambda i: first if i == 0 else dilation
+
+
 def _stage_plan(output_stride: int, dilate_first_block: bool = True,
-                dilated: bool = True) -> List[tuple]:
+                dilated: bool = True, dilation_pattern: str = "multi_grid") -> List[tuple]:
     """(stride, per-block dilation rule) for layer1..layer4 at the given output stride.
 
     The rule is a function ``block_index -> dilation``. ``dilated=False`` keeps the strides
-    of ``output_stride`` but dilation 1 everywhere.
+    of ``output_stride`` but dilation 1 everywhere. ``dilation_pattern='encoding'`` is
+    PyTorch-Encoding's output-stride-8 pattern (layer3 1,2,2,...; layer4 2,4,4).
     """
     def plain(_i: int) -> int:
         return 1
+
+    if dilation_pattern not in DILATION_PATTERNS:
+        raise ValueError(f"dilation_pattern must be one of {', '.join(DILATION_PATTERNS)}; "
+                         f"got {dilation_pattern!r}")
+    if dilation_pattern == "encoding":
+        if output_stride != 8 or not dilated or not dilate_first_block:
+            raise ValueError(
+                "dilation_pattern='encoding' is PyTorch-Encoding's output-stride-8 pattern: "
+                f"it needs output_stride=8 (got {output_stride!r}), dilated=True (got "
+                f"{dilated!r}) and leaves dilate_first_block at its default (got "
+                f"{dilate_first_block!r})")
+        return [(1, plain), (2, plain), (1, _encoding_rule(2)), (1, _encoding_rule(4))]
 
     if not dilated:
         strides = {32: (1, 2, 2, 2), 16: (1, 2, 2, 1), 8: (1, 2, 1, 1)}.get(output_stride)
@@ -171,6 +199,8 @@ class ResNet(nn.Module):
         dilate_first_block: False leaves layer3's block 0 undilated at output stride 8.
         ceil_pool: the stem max-pool rounds up (``ceil_mode=True``).
         in_chans: input channels of the stem's first convolution.
+        dilation_pattern: ``'multi_grid'`` (default) or ``'encoding'`` (PyTorch-Encoding's
+            output-stride-8 pattern, LPL); see the module docstring.
         dilated: False keeps the strides of ``output_stride`` without any dilation (ELN's
             error-localisation ResNet-34: layer4 at stride 1 and dilation 1).
         width: channels of layer1's blocks (64 = the reference); the stages have width x
@@ -185,7 +215,7 @@ class ResNet(nn.Module):
                  output_stride: int = 16, norm_layer: NormLayer = nn.BatchNorm2d,
                  stem_width: Optional[int] = None, dilate_first_block: bool = True,
                  ceil_pool: bool = False, in_chans: int = 3, width: int = 64,
-                 dilated: bool = True) -> None:
+                 dilated: bool = True, dilation_pattern: str = "multi_grid") -> None:
         super().__init__()
         if stem not in ("deep", "classic"):
             raise ValueError(f"stem must be 'deep' or 'classic', got {stem!r}")
@@ -193,10 +223,11 @@ class ResNet(nn.Module):
             raise ValueError(f"layers must list 4 stage depths, got {list(layers)}")
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"width must be a positive integer, got {width!r}")
-        plan = _stage_plan(output_stride, dilate_first_block, dilated)
+        plan = _stage_plan(output_stride, dilate_first_block, dilated, dilation_pattern)
         stem_width = width if stem_width is None else stem_width
         self.stem = stem
         self.output_stride = output_stride
+        self.dilation_pattern = dilation_pattern
 
         if stem == "deep":
             self.conv1 = nn.Sequential(
