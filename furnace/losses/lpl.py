@@ -233,7 +233,8 @@ class IoUTracker:
                 "momentum": torch.tensor(self.momentum, dtype=torch.float64)}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        """Restore a :meth:`state_dict` (onto this tracker's device)."""
+        """Restore a :meth:`state_dict` onto this tracker's device; the saved momentum (if
+        present) replaces this tracker's, so a resumed run continues exactly."""
         missing = [k for k in ("T", "Pd", "I") if k not in state]
         if missing:
             raise ValueError(f"IoU tracker state lacks {missing}; expected the keys T, Pd, I "
