@@ -423,9 +423,14 @@ def test_stream_dataset_hook_in_train_loaders(demo_root):
             assert b["is_labelled"].dtype == torch.bool and "_seed" not in b
             assert b["is_labelled"].tolist() == [f in lab for f in b["fn"]]
         assert s["is_labelled"].all() and (s["category"][:, 0] == 1).all()
-    again = list(TrainLoaders(C, streams=streams).epoch(0))
-    for (s, w), (s2, w2) in zip(batches, again):
-        assert torch.equal(s["data"], s2["data"]) and torch.equal(w["label"], w2["label"])
+    # the same batches again, and with loader workers (every draw comes from the sample seed)
+    for workers in (0, 2):
+        loaders = TrainLoaders(C, streams=streams, num_workers=workers)
+        again = list(loaders.epoch(0))
+        loaders.close()
+        for (s, w), (s2, w2) in zip(batches, again):
+            assert torch.equal(s["data"], s2["data"]) and torch.equal(s["label"], s2["label"])
+            assert torch.equal(w["data"], w2["data"]) and w["fn"] == w2["fn"]
     # a stream without the hook still builds the framework's dataset
     plain = TrainLoaders(C, streams=(StreamSpec("labeled", "train", 0),))
     assert type(plain.datasets[0]).__name__ == "VOCDataset"
