@@ -211,6 +211,10 @@ def base_config() -> Config:
     # image_height x image_width ignoring the aspect ratio, flip, no crop (ELN's VOC)
     C.train_scale_mode = "choice"
     C.train_label_pad = 255                    # label of the crop padding (U2PL: 0)
+    # image-level class labels (LPL): 'masks' derives them from each image's full label PNG
+    # (255 counts as 0, every value present is a class), or a list file (relative to
+    # dataset_path or absolute) of lines '<id> <c1> <c2> ...' (furnace/data/image_labels.py)
+    C.image_labels = "masks"
     # CutMix boxes of the data layer's stream unlabeled0 (REFERENCE 3.5; loader.cutmix_collate),
     # which any method may declare (DUEB; U2PL draws its own boxes)
     C.cutmix_mask_prop_range = [0.25, 0.5]
@@ -615,6 +619,11 @@ def validate(C: Config) -> None:
     for key in ("eval_source", "split_dir", "log_dir"):
         if key in C and (not isinstance(C[key], str) or not C[key].strip()):
             fail(key, "a non-empty path")
+    if "image_labels" in C and (not isinstance(C.image_labels, str)
+                                or not C.image_labels.strip()):
+        fail("image_labels", "'masks' or the path of an image-label list",
+             "'masks' derives each image's classes from its label PNG; a list file has lines "
+             "'<id> <c1> <c2> ...' (relative to dataset_path or absolute)")
     for group in _option_groups():
         if group.check is not None and isinstance(C.get(group.name), Mapping):
             group.check(C)

@@ -19,6 +19,10 @@ Layout under root (as the CPS 'pascal_voc' archive):
     train_aug/image/<id>.png  train_aug/label/<id>.png  val/image/<id>.png  val/label/<id>.png
     train_aug.txt  val.txt
     subset_train_aug/train_aug_{labeled,unlabeled}_1-{2,4,8,16,32,64,80,128}.txt
+    image_labels.txt  (every train and val image's classes, '<id> <c1> <c2> ...'; the same
+                       as derived from the masks, written so that the list path is exercised)
+    lpl_labeled.txt  lpl_all.txt  (LPL's lists: the 1/80 labelled list in its order; those
+                       ids first, then the rest of train_aug.txt)
     demo_stamp.json (written last; marks a complete dataset)
 """
 from __future__ import annotations
@@ -38,6 +42,8 @@ import numpy as np
 from PIL import Image
 
 from .datasets import DataError
+from .image_labels import classes_line, image_level_label
+from .lpl_splits import lpl_lists
 from .palettes import voc_palette
 from .splits import make_splits, split_file_names
 
@@ -49,6 +55,10 @@ STAMP_NAME = "demo_stamp.json"
 HUE_HINT = 1.0  # share of objects whose hue lies in one of their class's bands
 HUE_BANDS_PER_CLASS = 3
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "DATA" / "demo"
+LPL_RATIO = 80  # the split of LPL's demo lists (exp_demo's labeled_ratio)
+# lists beyond the splits; the stamp names them, so older data without them is remade (the
+# images and labels come out byte-identical)
+EXTRA_LISTS = ("image_labels.txt", "lpl_labeled.txt", "lpl_all.txt")
 
 _SPLIT_CODE = {"train": 1, "val": 2}
 _PALETTE_BYTES = voc_palette(256).tobytes()
@@ -191,7 +201,7 @@ def _write_label(path: str, label: np.ndarray) -> None:
 def _stamp(seed: int, n_train: int, n_val: int, size: int) -> Dict:
     return {"version": DEMO_VERSION, "seed": int(seed), "n_train": int(n_train),
             "n_val": int(n_val), "size": int(size), "classes": DEMO_CLASSES,
-            "ratios": list(DEMO_RATIOS)}
+            "ratios": list(DEMO_RATIOS), "lists": list(EXTRA_LISTS)}
 
 
 def is_complete(root, seed: int = 0, n_train: int = 1000, n_val: int = 200,
@@ -208,6 +218,7 @@ def is_complete(root, seed: int = 0, n_train: int = 1000, n_val: int = 200,
 _OWN_FILE = re.compile(r"^(?:train_aug/(?:image|label)/demo_train_\d{5,}\.png"
                        r"|val/(?:image|label)/demo_val_\d{5,}\.png"
                        r"|train_aug\.txt|val\.txt|" + re.escape(STAMP_NAME) +
+                       "".join("|" + re.escape(n) for n in EXTRA_LISTS) +
                        r"|subset_train_aug/train_aug_(?:labeled|unlabeled)_1-\d+\.txt)$")
 
 
@@ -269,6 +280,7 @@ def generate(root=None, n_train: int = 1000, n_val: int = 200, size: int = 128, 
         shutil.rmtree(tmp)
     freqs = {}
     ids_by_split = {}
+    class_lines = []
     for split, count in (("train", n_train), ("val", n_val)):
         folder = "train_aug" if split == "train" else "val"
         (tmp / folder / "image").mkdir(parents=True)
@@ -284,16 +296,24 @@ def generate(root=None, n_train: int = 1000, n_val: int = 200, size: int = 128, 
             _write_label(str(tmp / folder / "label" / f"{sid}.png"), lab)
             hist += np.bincount(lab.ravel(), minlength=DEMO_NUM_CLASSES)
             ids.append(sid)
+            class_lines.append(classes_line(sid, image_level_label(lab, DEMO_NUM_CLASSES)))
         ids_by_split[split] = ids
         freqs[split] = (hist / max(1, hist.sum())).tolist()
     (tmp / "train_aug.txt").write_text("".join(i + "\n" for i in ids_by_split["train"]))
     (tmp / "val.txt").write_text("".join(i + "\n" for i in ids_by_split["val"]))
     sub = tmp / "subset_train_aug"
     sub.mkdir()
-    for r, (lab, unlab) in make_splits(ids_by_split["train"], DEMO_RATIOS, seed).items():
+    splits = make_splits(ids_by_split["train"], DEMO_RATIOS, seed)
+    for r, (lab, unlab) in splits.items():
         ln, un = split_file_names(r)
         (sub / ln).write_text("".join(x + "\n" for x in lab))
         (sub / un).write_text("".join(x + "\n" for x in unlab))
+    (tmp / "image_labels.txt").write_text("".join(x + "\n" for x in class_lines))
+    lab = splits[LPL_RATIO][0]
+    subsets, d = lpl_lists(list(enumerate(lab, 1)), list(enumerate(ids_by_split["train"], 1)),
+                           [len(lab)])
+    (tmp / "lpl_labeled.txt").write_text("".join(x + "\n" for x in subsets[len(lab)]))
+    (tmp / "lpl_all.txt").write_text("".join(x + "\n" for x in d))
     (tmp / STAMP_NAME).write_text(json.dumps(_stamp(seed, n_train, n_val, size), indent=1))
     # swap into place; another process may have finished first, which is fine
     if root.exists():

@@ -59,14 +59,25 @@ class StreamSpec:
     ``collate``: ``collate(C)`` returns the loader's collate function (None: :func:`seg_collate`);
     a collate sees each sample's private seed, so it can add further views of the same crop
     (a colour-jittered strong view, CutMix masks) that do not depend on the workers.
+    ``dataset``: ``dataset(C, source, index, file_length)`` returns the stream's dataset
+    (None: :func:`build_train_dataset` of ``source``); it must accept the sampler's
+    (index, epoch) pairs and have length ``file_length``, like the framework's datasets.
     """
     name: str
     source: str = "train"
     index: int = 0
     collate: Optional[Callable[[Any], Callable]] = None
+    dataset: Optional[Callable[..., Any]] = None
 
     def collate_fn(self, C) -> Callable:
         return seg_collate if self.collate is None else self.collate(C)
+
+    def build_dataset(self, C, file_length: int):
+        """The stream's training dataset of length ``file_length``."""
+        if self.dataset is None:
+            return build_train_dataset(C, self.source, stream=self.index,
+                                       file_length=file_length)
+        return self.dataset(C, self.source, self.index, file_length)
 
 
 def cutmix_collate(C) -> MaskCollate:
@@ -176,7 +187,11 @@ class TrainLoaders:
         probe = build_train_dataset(C, "train", stream=0, file_length=1)
         uprobe = build_train_dataset(C, "unlabeled", stream=1, file_length=1)
         self.n_labeled, self.n_unlabeled = probe.n, uprobe.n
-        warn_overlap(probe, uprobe)
+        streams = list(streams)
+        if all(s.dataset is None for s in streams):
+            # a stream with its own dataset decides how it uses the lists (one may be meant
+            # to hold the other, as a full training list holds the labelled one)
+            warn_overlap(probe, uprobe)
         if int(_cfg(C, "batch_size", 2)) > self.n_labeled:
             raise DataError(f"batch_size={_cfg(C, 'batch_size')} is larger than the labelled set "
                             f"({self.n_labeled} entries in {probe.list_file}); lower batch_size "
@@ -184,7 +199,7 @@ class TrainLoaders:
         max_samples = _cfg(C, "max_samples")
         self.max_samples = int(max_samples) if max_samples is not None else max(
             self.n_labeled, self.n_unlabeled)
-        self.streams = list(streams)
+        self.streams = streams
         indices = [s.index for s in self.streams]
         if not self.streams or len(set(indices)) != len(indices):
             raise ValueError(f"streams need distinct indices, got {indices}")
@@ -192,9 +207,7 @@ class TrainLoaders:
             if s.source not in ("train", "unlabeled"):
                 raise ValueError(f"stream {s.name!r}: source must be 'train' or 'unlabeled', "
                                  f"got {s.source!r}")
-        self.datasets = [build_train_dataset(C, s.source, stream=s.index,
-                                             file_length=self.max_samples)
-                         for s in self.streams]
+        self.datasets = [s.build_dataset(C, self.max_samples) for s in self.streams]
         self.samplers = [
             EpochTaggedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                seed=self.seed + s.index * _SEED_STRIDE, drop_last=True)

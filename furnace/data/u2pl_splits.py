@@ -115,30 +115,39 @@ def write_pairs(labeled_lists: Sequence[str], full_list: str, out_dir: str,
                             f"{pair_names[0]}; convert them into different --out folders")
         names[pair_names] = path
         pairs[path] = (lab, unlab, pair_names)
-    inputs = [full_list, *labeled_lists]
-    for _, _, (ln, un) in pairs.values():
-        for name in (ln, un):
-            p = os.path.join(out_dir, name)
-            if os.path.exists(p) and any(os.path.samefile(p, i) for i in inputs):
-                raise DataError(f"--out {out_dir} would overwrite the input {p}; choose "
-                                f"another --out")
+    files = [(name, part) for lab, unlab, (ln, un) in pairs.values()
+             for name, part in ((ln, lab), (un, unlab))]
+    written = iter(write_lists(out_dir, files, [full_list, *labeled_lists]))
+    return {path: (next(written), next(written)) for path in pairs}
+
+
+def write_lists(out_dir: str, files: Sequence[Tuple[str, Sequence[str]]],
+                inputs: Sequence[str]) -> List[str]:
+    """Write list files ``out_dir/<name>``, one line per entry, for (name, lines) pairs;
+    returns their paths in order. An output that is one of ``inputs``, an ``out_dir`` that
+    is a file or cannot be made, and a failed write are DataErrors; the input check runs
+    before anything is written."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir} is a file; it must name a folder for the lists")
+    for name, _ in files:
+        p = os.path.join(out_dir, name)
+        if os.path.exists(p) and any(os.path.samefile(p, i) for i in inputs):
+            raise DataError(f"--out {out_dir} would overwrite the input {p}; choose "
+                            f"another --out")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create --out folder {out_dir}: {e.strerror}") from e
-    out = {}
-    for path, (lab, unlab, (ln, un)) in pairs.items():
-        written = []
-        for name, part in ((ln, lab), (un, unlab)):
-            p = os.path.join(out_dir, name)
-            try:
-                with open(p, "w", encoding="utf-8", newline="\n") as f:
-                    f.write("".join(x + "\n" for x in part))
-            except OSError as e:
-                raise DataError(f"cannot write list {p}: {e.strerror}") from e
-            written.append(p)
-        out[path] = tuple(written)
-    return out
+    written = []
+    for name, part in files:
+        p = os.path.join(out_dir, name)
+        try:
+            with open(p, "w", encoding="utf-8", newline="\n") as f:
+                f.write("".join(x + "\n" for x in part))
+        except OSError as e:
+            raise DataError(f"cannot write list {p}: {e.strerror}") from e
+        written.append(p)
+    return written
 
 
 def write_u2pl_pairs(labeled_lists: Sequence[str], full_list: str, out_dir: str,
