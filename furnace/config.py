@@ -617,11 +617,15 @@ def validate(C: Config) -> None:
     if single and [float(x) for x in C.eval_scale_array] != [1.0]:
         fail("eval_scale_array", f"[1] with eval_mode='{sorted(single)[0]}'",
              "that protocol is single-scale; --set eval_scale_array=[1]")
-    if C.get("eval_crf") and (C.get("eval_average") != "logits"
-                              or C.get("eval_mode") in ("center_pad", "resize")):
-        fail("eval_crf", "false unless eval_average='logits' and eval_mode is 'whole' or "
-             "'slide'", "the CRF's unary is the softmax of the averaged logits of the full "
-             "image; --set eval_average=logits eval_mode=whole")
+    if C.get("eval_crf") is True:
+        if C.get("eval_average") != "logits" or {C.get("eval_mode"), C.get("val_eval_mode")} \
+                & {"center_pad", "resize"}:
+            fail("eval_crf", "false unless eval_average='logits' and eval_mode (and "
+                 "val_eval_mode) is 'whole' or 'slide'", "the CRF's unary is the softmax of "
+                 "the averaged logits of the full image; --set eval_average=logits "
+                 "eval_mode=whole")
+        from .eval.crf import require_densecrf   # the optional package: say so now, not later
+        require_densecrf("eval_crf")
     for key in ("eval_class_mask", "eval_crf"):
         value = _get(C, key)
         if value is not _MISSING and not isinstance(value, bool):

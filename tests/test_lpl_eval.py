@@ -252,6 +252,10 @@ def test_missing_pydensecrf_is_one_config_error(monkeypatch):
         _lpl_evaluator(TinyNet(), crf=True)
     with pytest.raises(ValueError, match="eval_average='logits'"):
         _lpl_evaluator(TinyNet(), crf=True, average="sum")
+    C = base_config()                  # a config that asks for CRF fails when it is loaded
+    C.update(dataset_path=str(ROOT), eval_crf=True, eval_average="logits", eval_mode="whole")
+    with pytest.raises(ConfigError, match="'eval_crf'.*pip install pydensecrf2"):
+        finalize(C)
 
 
 def test_dense_crf_smooths_an_outlier():
@@ -334,14 +338,17 @@ def test_export_is_resumable_and_readable(demo_ckpt):
     d = demo_ckpt
     out = d["base"] / "pseudo"
     env = dict(os.environ, OMP_NUM_THREADS="1", **{STOP_AFTER_ENV: "3"})
-    first = subprocess.run(_export_cmd(d, out), env=env, capture_output=True, text=True,
-                           timeout=120)
-    assert first.returncode != 0, first.stderr          # killed after 3 images
+    first = subprocess.Popen(_export_cmd(d, out), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == -9, err                  # killed after 3 images
     done = sorted(out.glob("*.png"))
     assert len(done) == 3 and all(png_is_valid(p) for p in done)
     assert not (d["base"] / "train_aug_pseudo.txt").exists()     # no list before the end
     stamp = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in done}
 
+    stale = out / f".{d['ids'][5]}.png.tmp{first.pid}"      # a write the kill interrupted
+    stale.write_bytes(b"\x89PNG partial")
     env.pop(STOP_AFTER_ENV)
     second = subprocess.run(_export_cmd(d, out), env=env, capture_output=True, text=True,
                             timeout=120)
@@ -349,6 +356,7 @@ def test_export_is_resumable_and_readable(demo_ckpt):
     assert "skipped 3" in second.stderr                     # the progress bar says so
     for p in done:                                          # finished PNGs not rewritten
         assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp[p.name]
+    assert not stale.exists()
     pngs = sorted(out.iterdir())
     assert [p.name for p in pngs] == sorted(f"{i}.png" for i in d["ids"])   # no temporaries
     assert all(png_is_valid(p) for p in pngs)

@@ -69,6 +69,20 @@ def write_label_png(path: Path, label: np.ndarray, palette: Optional[np.ndarray]
             tmp.unlink()
 
 
+def remove_stale_temporaries(folder: Path) -> List[str]:
+    """Delete ``.<name>.png.tmp<pid>`` files of :func:`write_label_png` whose process is gone
+    (an export killed while writing); returns their names."""
+    from furnace.engine.checkpoint import _pid_alive
+    gone = []
+    for p in Path(folder).iterdir():
+        name, _, pid = p.name.rpartition(".tmp")
+        if p.name.startswith(".") and name.endswith(".png") and pid.isdigit() \
+                and not _pid_alive(int(pid)):
+            p.unlink()
+            gone.append(p.name)
+    return gone
+
+
 def _first_columns(list_file: str) -> List[str]:
     return [line.split("\t")[0].strip() for line in _lines(list_file)]
 
@@ -217,6 +231,7 @@ def export_pseudo_labels(C, checkpoint_path, list_file: str, out_dir, *,
                             f"the exported list")
     out = Path(out_dir).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     names = dataset.names
     pngs = [out / f"{fn}.png" for fn in names]
     todo = [i for i, p in enumerate(pngs) if not png_is_valid(p)]
