@@ -417,3 +417,25 @@ def test_export_class_mask_needs_the_masks(demo_ckpt, tmp_path):
     with pytest.raises(DataError, match="not_an_id"):
         export_pseudo_labels(C, d["ckpt"], "train_aug.txt", tmp_path / "p3", class_mask=False,
                              keep_labelled=str(other))
+
+
+def test_eval_cli_with_class_mask_and_absent_zero(demo_ckpt, tmp_path):
+    """eval.py of the checkpoint with stage-1 evaluation (image-level labels, absent classes
+    as IoU 0): the keys reach the evaluator and the metric through the command line."""
+    from furnace.data.datasets import read_label
+    from furnace.eval import cli
+    d = demo_ckpt
+    args = ["-e", str(d["ckpt"]), "-d", "cpu", "--set", f"dataset_path={d['root']}",
+            "generate_demo_data=false", "num_workers=0", f"log_dir={tmp_path / 'log'}"]
+    plain, = cli.main(str(ROOT / "exp_demo"), args)
+    stage1, = cli.main(str(ROOT / "exp_demo"), args + ["eval_class_mask=true",
+                                                      "eval_absent_iou=zero"])
+    gt_classes = set()
+    for i in (d["root"] / "val.txt").read_text().split():
+        gt_classes |= set(np.unique(read_label(str(d["root"] / "val" / "label" / f"{i}.png"))))
+    hist = stage1["hist"]
+    assert set(np.flatnonzero(hist.sum(0))) <= gt_classes | {0}      # no absent class predicted
+    assert not np.array_equal(hist, plain["hist"])
+    assert not np.isnan(stage1["iou"]).any()
+    assert stage1["miou"] == pytest.approx(np.mean(stage1["iou"]))
+    assert stage1["miou"] == pytest.approx(compute_metrics(hist, "zero")["miou"])
