@@ -157,6 +157,8 @@ CHOICES = {
     "eval_mode": ("slide", "whole", "center_pad", "resize"),
     "val_eval_mode": (None, "slide", "whole", "center_pad", "resize"),
     "eval_average": ("sum", "logits"),
+    "eval_resize": ("image", "normalized_cubic"),
+    "eval_absent_iou": ("skip", "zero"),
     "train_scale_mode": ("choice", "u2pl", "resize"),
     "amp": ("auto", "off", "bf16", "fp16"),
     "sup_loss": ("ce", "ohem"),
@@ -289,6 +291,19 @@ def base_config() -> Config:
     C.val_eval_mode = None
     C.eval_average = "sum"                     # windows' logits 'sum' (CPS) or 'logits' mean (U2PL)
     C.eval_label_pad = 255                     # center_pad: label of the padding (U2PL: 0)
+    # how a scale is made: 'image' (cv2 bilinear of the uint8 image, scores back with cv2
+    # bilinear) or 'normalized_cubic' (LPL: cv2 bicubic of the normalised float image, scores
+    # back with bilinear align_corners=True; with eval_mode=whole, eval_average=logits)
+    C.eval_resize = "image"
+    # True: each image's argmax only over the classes of its ground truth (the image-level
+    # label: 255 -> 0, classes present); LPL's stage-1 "eval with image-level labels" (oracle)
+    C.eval_class_mask = False
+    # True: DenseCRF on the softmax of the averaged logits (LPL's retest; needs
+    # eval_average=logits and the optional package: pip install pydensecrf2)
+    C.eval_crf = False
+    # mIoU: a class with no ground truth and no prediction is left out ('skip', nanmean) or
+    # counts as IoU 0 in the mean over all classes ('zero', LPL)
+    C.eval_absent_iou = "skip"
     C.eval_batch_windows = 4
     return C
 
@@ -606,6 +621,19 @@ def validate(C: Config) -> None:
     if single and [float(x) for x in C.eval_scale_array] != [1.0]:
         fail("eval_scale_array", f"[1] with eval_mode='{sorted(single)[0]}'",
              "that protocol is single-scale; --set eval_scale_array=[1]")
+    if C.get("eval_crf") is True:
+        if C.get("eval_average") != "logits" or {C.get("eval_mode"), C.get("val_eval_mode")} \
+                & {"center_pad", "resize"}:
+            fail("eval_crf", "false unless eval_average='logits' and eval_mode (and "
+                 "val_eval_mode) is 'whole' or 'slide'", "the CRF's unary is the softmax of "
+                 "the averaged logits of the full image; --set eval_average=logits "
+                 "eval_mode=whole")
+        from .eval.crf import require_densecrf   # the optional package: say so now, not later
+        require_densecrf("eval_crf")
+    for key in ("eval_class_mask", "eval_crf"):
+        value = _get(C, key)
+        if value is not _MISSING and not isinstance(value, bool):
+            fail(key, "true or false")
     for key in ("image_mean", "image_std"):
         value = C.get(key, [0, 0, 1])
         if (not isinstance(value, (list, tuple)) or len(value) != 3
@@ -715,7 +743,7 @@ NETWORK_KEYS = ("method", "num_classes", "class_names", "backbone", "stem", "out
 #: The validation protocol a run used: eval.py's default is the checkpoint's.
 PROTOCOL_KEYS = ("eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scale_array",
                  "eval_flip", "eval_branch", "eval_average", "eval_label_pad", "image_mean",
-                 "image_std")
+                 "image_std", "eval_resize", "eval_class_mask", "eval_crf", "eval_absent_iou")
 
 
 def checkpoint_config(C: Config, recorded: Any, overrides: Iterable[str] = (),

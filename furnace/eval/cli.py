@@ -162,7 +162,7 @@ def run(C, epochs: str = "last", devices: Optional[Sequence[str]] = None,
                                           verbose=verbose, model=model, dataset=dataset,
                                           model_factory=factory, uncertainty=meter,
                                           trust_pickle=trust_pickle, ckpt=ckpt)
-        m = compute_metrics(hist)
+        m = compute_metrics(hist, C.get("eval_absent_iou", "skip"))
         text = format_results(m["iou"], m["miou"], m["miou_no_back"], m["pixel_acc"], names)
         extra = {}
         if meter is not None:

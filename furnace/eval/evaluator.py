@@ -28,6 +28,18 @@ Options for U2PL's protocols (docs: U2PL spec 5.4, 5.5), off by default:
   align_corners=False, ignoring the aspect ratio), one forward, and the ground truth is
   resized to the same frame (nearest): the score is against the resized labels.
 
+Options for LPL's test protocol (docs: LPL spec 4.1, 4.4), off by default:
+
+* ``resize='normalized_cubic'``: each scale is made from the *normalised* float32 image with
+  OpenCV bicubic (``cv2.resize`` fx = fy = s, so the size OpenCV computes: rounded half to
+  even), and each scale's output is resized back with bilinear align_corners=True (instead of
+  cv2 bilinear of the uint8 image and of the scores). With ``mode='whole'`` and
+  ``average='logits'`` the score is the mean of every pass's logits times the number of scales.
+* ``crf=True``: DenseCRF (:mod:`furnace.eval.crf`) on the softmax of the averaged logits,
+  over the de-normalised image (:func:`furnace.eval.crf.crf_image`); prediction = argmax Q.
+* :meth:`SegEvaluator.predict` ``classes``: the argmax only over the given classes (the
+  image-level labels of stage-1 evaluation and pseudo-label export).
+
 Networks that return logits smaller than their input (U2PL's decoder, stride 4) are upsampled
 to the input bilinearly with align_corners=True, as U2PL does; full-size logits are untouched.
 """
@@ -49,6 +61,28 @@ Window = Tuple[int, int, int, int]
 MODES = ("slide", "whole", "center_pad", "resize")
 FRAMED = ("center_pad", "resize")   # modes whose prediction is in the crop's frame
 AVERAGES = ("sum", "logits")
+RESIZES = ("image", "normalized_cubic")
+
+
+def scaled_size(h: int, w: int, scale: float) -> Tuple[int, int]:
+    """(h', w') of ``cv2.resize(img, None, fx=scale, fy=scale)``: OpenCV rounds the product
+    half to even (17 x 0.5 -> 8, 21 x 1.5 -> 32, 27 x 1.5 -> 40), at least 1 pixel."""
+    return max(1, int(np.rint(h * scale))), max(1, int(np.rint(w * scale)))
+
+
+def restricted_argmax(score: torch.Tensor, classes) -> torch.Tensor:
+    """Argmax over dim 0 of ``score`` [C, H, W] among the classes with ``classes[c]`` true
+    (bool or 0/1, [C]); ties go to the lowest class index. int64 [H, W]."""
+    keep = torch.as_tensor(np.asarray(classes) if not isinstance(classes, torch.Tensor)
+                           else classes, device=score.device)
+    if keep.dim() != 1 or keep.numel() != score.shape[0]:
+        raise ValueError(f"classes must be a vector of {score.shape[0]} flags, got shape "
+                         f"{tuple(keep.shape)}")
+    keep = keep.bool()
+    if not bool(keep.any()):
+        raise ValueError("classes marks no class present; the restricted argmax needs one")
+    low = torch.finfo(score.dtype).min if score.is_floating_point() else -(2 ** 62)
+    return score.masked_fill(~keep[:, None, None], low).argmax(0)
 
 
 def _upsample(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -199,6 +233,11 @@ class SegEvaluator:
     channels_last: convert the model (in place) and the inputs to channels-last memory
         format, which runs the convolutions faster (about 1.4x for ResNet-50 on CPU); the
         logits can differ from the default layout in the last float32 bits.
+    resize: how scales are made: 'image' (cv2 bilinear of the uint8 image, scores back with
+        cv2 bilinear: the reference) or 'normalized_cubic' (LPL: cv2 bicubic of the normalised
+        float image, scores back with bilinear align_corners=True).
+    crf: DenseCRF after the softmax of the averaged logits (needs ``average='logits'``, a
+        mode that predicts the full image, and the optional package pydensecrf2).
     uncertainty: also return the averaged logits, the variance map and, for a dual network,
         both branches' averaged logits (see :class:`Prediction`); both branches then run
         (about twice the time). ``pred`` and ``score`` are unchanged.
@@ -211,11 +250,21 @@ class SegEvaluator:
                  batch_windows: int = 4, device: Union[str, torch.device] = "cpu",
                  amp: str = "off", with_var: bool = False,
                  branch: Union[int, str, None] = None, channels_last: bool = False,
-                 uncertainty: bool = False, average: str = "sum", label_pad: int = 255):
+                 uncertainty: bool = False, average: str = "sum", label_pad: int = 255,
+                 resize: str = "image", crf: bool = False):
         if mode not in MODES:
             raise ValueError(f"eval_mode must be one of {MODES}, got {mode!r}")
         if average not in AVERAGES:
             raise ValueError(f"eval_average must be one of {AVERAGES}, got {average!r}")
+        if resize not in RESIZES:
+            raise ValueError(f"eval_resize must be one of {RESIZES}, got {resize!r}")
+        if crf and (average != "logits" or mode in FRAMED):
+            raise ValueError(f"eval_crf needs eval_average='logits' (its unary is the softmax "
+                             f"of the averaged logits) and eval_mode 'whole' or 'slide' (the "
+                             f"full image), got eval_average={average!r}, eval_mode={mode!r}")
+        if crf:
+            from .crf import require_densecrf
+            require_densecrf("eval_crf")
         if not scales:
             raise ValueError("eval_scale_array is empty; use [1] for single-scale evaluation")
         if mode in ("center_pad", "resize") and [float(s) for s in scales] != [1.0]:
@@ -235,6 +284,9 @@ class SegEvaluator:
         self.mode = mode
         self.average = average
         self.label_pad = int(label_pad)
+        self.resize = resize
+        self.crf = bool(crf)
+        self.std_rgb = [float(v) for v in std]
         self.mean_rgb = [float(m) for m in mean]
         self.batch_windows = int(batch_windows)
         self.device = torch.device(device)
@@ -260,7 +312,8 @@ class SegEvaluator:
                    amp=C.get("amp", "off"), with_var=with_var, branch=C.get("eval_branch", 1),
                    channels_last=channels_last, uncertainty=uncertainty,
                    average=C.get("eval_average", "sum"),
-                   label_pad=C.get("eval_label_pad", 255))
+                   label_pad=C.get("eval_label_pad", 255),
+                   resize=C.get("eval_resize", "image"), crf=C.get("eval_crf", False))
 
     # -- the frame that is scored ---------------------------------------------------------
 
@@ -357,11 +410,15 @@ class SegEvaluator:
         return score, var
 
     def _scale_process(self, image: torch.Tensor):
-        """:meth:`scale_process` plus, with ``uncertainty``, the number of forward passes
-        summed into each pixel's score (float32 [h, w]: windows x flips) and the branch
+        """:meth:`scale_process` (``image`` may also be a normalised float32 [3, h, w]) plus,
+        with ``uncertainty``, the number of forward passes summed into each pixel's score (float32 [h, w]: windows x flips) and the branch
         pair's summed scores [2, C, h, w] (or None)."""
-        h, w = int(image.shape[0]), int(image.shape[1])
-        x = self._normalize(image)
+        if image.dtype == torch.uint8:
+            h, w = int(image.shape[0]), int(image.shape[1])
+            x = self._normalize(image)
+        else:                                   # already normalised float [3, h, w]
+            h, w = int(image.shape[1]), int(image.shape[2])
+            x = image
         passes = 2.0 if self.flip else 1.0
         if self.mode in ("whole", "center_pad", "resize"):
             if self.mode == "center_pad":   # pad with 0 after normalisation: the mean colour
@@ -428,31 +485,60 @@ class SegEvaluator:
 
     # -- one image ------------------------------------------------------------------------
 
+    def _normalized_scales(self, image: np.ndarray):
+        """Yield (scale, normalised float32 [3, h, w] on the device) per scale, made as LPL's
+        test does: normalise the uint8 image, then cv2 bicubic of the float image."""
+        lut = self.lut.cpu().numpy()
+        norm = np.stack([lut[c][image[:, :, c]] for c in range(3)], -1)     # [H, W, 3]
+        for s in self.scales:
+            img_s = cv2.resize(norm, None, fx=s, fy=s, interpolation=cv2.INTER_CUBIC)
+            yield s, torch.from_numpy(np.ascontiguousarray(img_s.transpose(2, 0, 1))
+                                      ).to(self.device)
+
+    def _uint8_scales(self, image: np.ndarray):
+        for s in self.scales:
+            img_s = image if s == 1 else cv2.resize(image, None, fx=s, fy=s,
+                                                    interpolation=cv2.INTER_LINEAR)
+            yield s, torch.from_numpy(np.ascontiguousarray(img_s)).to(self.device)
+
+    def _back(self, t: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """[K, h, w] resized to [K, H, W] as the resize protocol does."""
+        if self.resize == "normalized_cubic":
+            return _upsample(t[None].float(), (H, W))[0]
+        return self._resize(t, H, W)
+
     @torch.inference_mode()
-    def predict(self, image: np.ndarray) -> Prediction:
-        """Predict one RGB uint8 image [H, W, 3] (numpy). See :class:`Prediction`."""
+    def predict(self, image: np.ndarray, classes=None) -> Prediction:
+        """Predict one RGB uint8 image [H, W, 3] (numpy). See :class:`Prediction`.
+
+        classes: None, or flags [C] (bool or 0/1, numpy or torch): ``pred`` is then the argmax
+        over these classes only (ties to the lowest index); ``score`` is not restricted.
+        """
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image.dtype} "
                              f"{tuple(image.shape)}")
         H, W = image.shape[:2]
         total = var_total = mean_total = pair_total = None
-        for s in self.scales:
-            img_s = image if s == 1 else cv2.resize(image, None, fx=s, fy=s,
-                                                    interpolation=cv2.INTER_LINEAR)
-            img_t = torch.from_numpy(np.ascontiguousarray(img_s)).to(self.device)
+        scaled = (self._normalized_scales(image) if self.resize == "normalized_cubic"
+                  else self._uint8_scales(image))
+        for s, img_t in scaled:
             score, var, passes, pair = self._scale_process(img_t)
             if self.uncertainty:  # averages per scale, resized like the score
                 mean = score / passes
                 pair = pair / passes if pair is not None else None
                 if tuple(score.shape[1:]) != (H, W) and self.mode not in FRAMED:
-                    mean = self._resize(mean, H, W)
-                    pair = (self._resize(pair.flatten(0, 1), H, W).view(2, -1, H, W)
+                    mean = self._back(mean, H, W)
+                    pair = (self._back(pair.flatten(0, 1), H, W).view(2, -1, H, W)
                             if pair is not None else None)
                 mean_total = mean if mean_total is None else mean_total + mean
                 if pair is not None:
                     pair_total = pair if pair_total is None else pair_total + pair
             if tuple(score.shape[1:]) != (H, W) and self.mode not in FRAMED:
-                score, var = self._resize_back(score, var, H, W)
+                if self.resize == "normalized_cubic":
+                    score = self._back(score, H, W)
+                    var = self._back(var[None], H, W)[0] if var is not None else None
+                else:
+                    score, var = self._resize_back(score, var, H, W)
             if len(self.scales) == 1:
                 total, var_total = score, var        # float32 argmax == float64 argmax here
             else:
@@ -464,9 +550,22 @@ class SegEvaluator:
         if mean_total is not None and len(self.scales) > 1:
             mean_total = mean_total / len(self.scales)
             pair_total = pair_total / len(self.scales) if pair_total is not None else None
-        pred = total.argmax(0)
+        decide = total
+        if self.crf:   # average='logits': total / scales is the mean of every pass's logits
+            decide = self._crf(image, total / len(self.scales))
+        pred = decide.argmax(0) if classes is None else restricted_argmax(decide, classes)
         return Prediction(pred=pred, score=total, var=var_total, logits=mean_total,
                           branch_logits=pair_total)
+
+    def _crf(self, image: np.ndarray, mean_logits: torch.Tensor) -> torch.Tensor:
+        """DenseCRF's Q [C, H, W] (on the device) from the averaged logits [C, H, W]: unary
+        from their softmax (float32), pairwise terms on the de-normalised image."""
+        from .crf import crf_image, dense_crf
+        prob = torch.softmax(mean_logits.float(), 0).cpu().numpy()
+        lut = self.lut.cpu().numpy()
+        norm = np.stack([lut[c][image[:, :, c]] for c in range(3)], 0)     # [3, H, W]
+        rgb = crf_image(norm, self.mean_rgb, self.std_rgb)
+        return torch.from_numpy(dense_crf(rgb, prob)).to(self.device)
 
     def _resize(self, t: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """cv2 bilinear float32 resize of [K, h, w] to [K, H, W] (channels in chunks of 512,

@@ -41,16 +41,31 @@ def validation_config(C):
     return C
 
 
+def image_level_label(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """The image-level label of a ground-truth mask: bool [C], true for every class that
+    occurs once values outside [0, C) (255 = ignore) are read as class 0 (LPL spec 6.3:
+    background is present whenever the mask has a 0 or a 255 pixel).
+
+    A local copy of the rule of ``furnace.data.image_labels.image_level_label``."""
+    m = np.asarray(mask).astype(np.int64).ravel()
+    m[(m < 0) | (m >= num_classes)] = 0
+    return np.bincount(m, minlength=num_classes)[:num_classes] > 0
+
+
 def predict_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int], device: str,
                     channels_last: bool = True, with_var: bool = False,
-                    uncertainty: bool = False) -> Iterator[Tuple[dict, Prediction,
-                                                                 SegEvaluator]]:
+                    uncertainty: bool = False, class_mask: Optional[bool] = None
+                    ) -> Iterator[Tuple[dict, Prediction, SegEvaluator]]:
     """Predict ``dataset[i]`` for i in ``indices`` on ``device``; no label is needed (an
     export of pseudo labels predicts unlabelled images). Yields ``(item, prediction,
     evaluator)`` per image: the dataset's item (``data`` H x W x 3, ``fn``, ``label`` when
     the list has one), the :class:`~furnace.eval.evaluator.Prediction` and the evaluator
     (its ``eval_label`` / ``eval_image`` give the scored frame). ``channels_last`` converts
-    the model in place (faster convolutions)."""
+    the model in place (faster convolutions). ``class_mask`` (None: ``C.eval_class_mask``):
+    restrict each image's argmax to the classes of its ground truth
+    (:func:`image_level_label`); every item then needs a label."""
+    if class_mask is None:
+        class_mask = bool(C.get("eval_class_mask", False))
     dev = torch.device(device)
     model.to(dev).eval()
     if dev.type == "cuda":
@@ -62,7 +77,15 @@ def predict_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int], 
                                          batch_size=None, collate_fn=_identity,
                                          num_workers=workers)
     for item in loader:
-        yield item, evaluator.predict(item["data"]), evaluator
+        classes = None
+        if class_mask:
+            if item.get("label") is None:
+                raise EvalError(f"sample {item.get('fn')} has no label, but eval_class_mask "
+                                f"restricts the prediction to the classes of its ground "
+                                f"truth; use a list with labels or --set "
+                                f"eval_class_mask=false")
+            classes = image_level_label(item["label"], C.num_classes)
+        yield item, evaluator.predict(item["data"], classes), evaluator
 
 
 def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int], device: str,
@@ -77,7 +100,7 @@ def evaluate_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int],
     ``device``) that every image is added to (both branches then run).
     """
     dev = torch.device(device)
-    cm = ConfusionMatrix(C.num_classes, dev)
+    cm = ConfusionMatrix(C.num_classes, dev, C.get("eval_absent_iou", "skip"))
     palette = get_palette(C.dataset, C.num_classes) if save_dir is not None else None
     for item, out, evaluator in predict_indices(model, C, dataset, indices, device,
                                                 channels_last, save_dir is not None,
@@ -127,7 +150,7 @@ def evaluate_model(model: torch.nn.Module, C, device: str = "cpu", dataset=None,
                                 channels_last=channels_last, uncertainty=meter)
     finally:
         model.train(was_training)
-    out = compute_metrics(hist)
+    out = compute_metrics(hist, C.get("eval_absent_iou", "skip"))
     out["hist"] = hist
     if meter is not None:
         out["uncertainty"] = meter.compute()

@@ -36,11 +36,14 @@ class ConfusionMatrix:
     """Running confusion histogram over a dataset (kept on ``device``).
 
     ``update(pred, label)`` adds one image; ``merge`` adds another matrix or an array of
-    counts (e.g. from another process); ``compute()`` returns the metrics dict.
+    counts (e.g. from another process); ``compute()`` returns the metrics dict
+    (``absent_iou`` as :func:`compute_metrics`).
     """
 
-    def __init__(self, num_classes: int, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, num_classes: int, device: Union[str, torch.device] = "cpu",
+                 absent_iou: str = "skip"):
         self.num_classes = int(num_classes)
+        self.absent_iou = absent_iou
         self.hist = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64,
                                 device=device)
 
@@ -62,24 +65,38 @@ class ConfusionMatrix:
         return self.hist.cpu().numpy()
 
     def compute(self) -> Dict[str, object]:
-        return compute_metrics(self.numpy())
+        return compute_metrics(self.numpy(), self.absent_iou)
 
 
-def compute_metrics(hist: ArrayLike) -> Dict[str, object]:
+#: what a class with no ground-truth pixel and no predicted pixel counts for in the mean
+ABSENT_IOU = ("skip", "zero")
+
+
+def compute_metrics(hist: ArrayLike, absent_iou: str = "skip") -> Dict[str, object]:
     """Metrics of a confusion histogram [C, C] (rows ground truth, columns prediction).
 
-    Returns ``iou`` (float64 [C], NaN for classes absent from both ground truth and
-    prediction), ``miou`` = nanmean(iou), ``miou_no_back`` = nanmean(iou[1:]) (class 0 is the
-    background), ``pixel_acc`` = correct / labelled pixels (the reference's "mACC": overall
-    pixel accuracy, not mean class accuracy), ``labeled`` and ``correct`` (pixel counts).
-    Fractions are in [0, 1] (NaN when undefined).
+    Returns ``iou`` (float64 [C]), ``miou`` = mean of ``iou`` without its NaNs,
+    ``miou_no_back`` = the same over iou[1:] (class 0 is the background), ``pixel_acc`` =
+    correct / labelled pixels (the reference's "mACC": overall pixel accuracy, not mean class
+    accuracy), ``labeled`` and ``correct`` (pixel counts). Fractions are in [0, 1] (NaN when
+    undefined).
+
+    absent_iou: a class absent from both ground truth and prediction has IoU NaN and is left
+        out of the means (``'skip'``, the reference CPS code's nanmean), or has IoU 0 and
+        counts in them (``'zero'``: LPL's evaluation, mean over all C classes; it matters on
+        subsets where a class never occurs).
     """
+    if absent_iou not in ABSENT_IOU:
+        raise ValueError(f"eval_absent_iou must be one of {ABSENT_IOU}, got {absent_iou!r}")
     if isinstance(hist, torch.Tensor):
         hist = hist.cpu().numpy()
     hist = np.asarray(hist, dtype=np.float64)
     diag = np.diag(hist)
+    union = hist.sum(1) + hist.sum(0) - diag
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = diag / (hist.sum(1) + hist.sum(0) - diag)
+        iou = diag / union
+    if absent_iou == "zero":
+        iou = np.where(union > 0, iou, 0.0)
     labeled = float(hist.sum())
     correct = float(diag.sum())
     return {"iou": iou,

@@ -152,8 +152,8 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
 
 
-def _running_line(hist: np.ndarray) -> str:
-    m = compute_metrics(hist)
+def _running_line(hist: np.ndarray, absent_iou: str = "skip") -> str:
+    m = compute_metrics(hist, absent_iou)
     return (f"mIoU {m['miou'] * 100:.3f}%  mIoU(no_back) {m['miou_no_back'] * 100:.3f}%  "
             f"mACC {m['pixel_acc'] * 100:.3f}%")
 
@@ -214,7 +214,8 @@ def evaluate_checkpoint(C, path, devices: Sequence[str], *, save_dir: Optional[P
             bar.update(1)
             if verbose and payload is not None:
                 running[...] += payload
-                bar.write(f"[{bar.n}/{n}] {_running_line(running)}")
+                bar.write(f"[{bar.n}/{n}] "
+                          f"{_running_line(running, C.get('eval_absent_iou', 'skip'))}")
         elif kind == "done":
             hist[...] += payload[0]
             if uncertainty is not None and payload[2] is not None:
