@@ -16,7 +16,8 @@ from furnace.config import ConfigError, base_config, finalize, load_config
 from furnace.eval.crf import crf_image, dense_crf
 from furnace.eval.evaluator import SegEvaluator, normalization_lut, restricted_argmax, \
     scaled_size
-from furnace.eval.loop import evaluate_indices, evaluate_model, image_level_label
+from furnace.data.image_labels import image_level_label
+from furnace.eval.loop import evaluate_indices, evaluate_model
 from furnace.eval.metrics import compute_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,16 +110,6 @@ def test_default_evaluator_unchanged_by_the_new_options():
 
 
 # ----------------------------------------------------------------------------- class mask
-
-def test_image_level_label_rule():
-    # LPL spec 10.3 D
-    y = image_level_label(np.array([[0, 15], [255, 15]], np.uint8), 21)
-    assert np.flatnonzero(y).tolist() == [0, 15]
-    assert np.flatnonzero(image_level_label(np.array([[15, 255]], np.uint8), 21)).tolist() \
-        == [0, 15]
-    assert np.flatnonzero(image_level_label(np.array([[15, 15]], np.uint8), 21)).tolist() \
-        == [15]
-
 
 def test_restricted_argmax_picks_best_present_class():
     # LPL spec 10.3 H: the absent class has the largest value at the pixel

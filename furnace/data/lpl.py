@@ -202,3 +202,12 @@ def lpl_weak_dataset(C, source: str = "unlabeled", stream: int = 1,
     """The weak stream's dataset (a StreamSpec ``dataset`` hook): the list of ``source``
     (LPL: 'unlabeled', the full ordered list D) with the weak pipeline (normalise + crop)."""
     return lpl_dataset(C, source, weak_transform_from_config(C), stream, file_length)
+
+
+def lpl_retrain_dataset(C, source: str = "train", stream: int = 0,
+                        file_length: Optional[int] = None) -> SegmentationDataset:
+    """Stage 2's dataset (a StreamSpec ``dataset`` hook): the framework's training dataset of
+    ``source`` (the exported list: GT for the pixel-labelled ids, pseudo-label PNGs for the
+    rest) with the strong pipeline; items as every training dataset's (data, label, ...)."""
+    key = "train_source" if canonical_mode(source) == "train" else "unsup_source"
+    return _list_dataset(C, key, strong_transform_from_config(C), file_length, stream)

@@ -21,7 +21,7 @@ Public API::
     furnace.eval.cli.run(C, epochs, devices, ...) -> [result dict]
     furnace.eval.loop.evaluate_model(model, C, device, uncertainty=False) -> metrics dict
         (validation in training, with furnace.eval.loop.validation_config(C))
-    furnace.eval.loop.image_level_label(mask, num_classes) -> bool [C]
+    furnace.data.image_labels.image_level_label(mask, num_classes) -> float32 [C] (the rule)
     furnace.eval.export.export_pseudo_labels(C, checkpoint_path, list_file, out_dir, *,
         devices=('cpu',), class_mask=True, keep_labelled=None) -> written list path
     furnace.eval.export.main(exp_dir, argv=None)             (the export.py command line)

@@ -189,7 +189,7 @@ def export_pseudo_labels(C, checkpoint_path, list_file: str, out_dir, *,
     devices: torch device strings; several split the images into contiguous shards, one
         process per device.
     class_mask: restrict each argmax to the classes present in the image's ground truth
-        (:func:`furnace.eval.loop.image_level_label`); every image then needs its mask file
+        (:func:`furnace.data.image_labels.image_level_label`); every image then needs its mask file
         (a missing one is a DataError naming it). False: plain argmax, masks not read.
     keep_labelled: a list of the pixel-labelled ids (same form as ``list_file``): their lines
         in the written list keep the ground truth.

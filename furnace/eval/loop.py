@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from furnace.data import build_eval_dataset
+from furnace.data.image_labels import image_level_label
 
 from .evaluator import Prediction, SegEvaluator
 from .metrics import ConfusionMatrix, compute_metrics
@@ -39,17 +40,6 @@ def validation_config(C):
     C = copy.deepcopy(C)
     C.eval_mode = mode
     return C
-
-
-def image_level_label(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """The image-level label of a ground-truth mask: bool [C], true for every class that
-    occurs once values outside [0, C) (255 = ignore) are read as class 0 (LPL spec 6.3:
-    background is present whenever the mask has a 0 or a 255 pixel).
-
-    A local copy of the rule of ``furnace.data.image_labels.image_level_label``."""
-    m = np.asarray(mask).astype(np.int64).ravel()
-    m[(m < 0) | (m >= num_classes)] = 0
-    return np.bincount(m, minlength=num_classes)[:num_classes] > 0
 
 
 def predict_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int], device: str,
@@ -84,7 +74,7 @@ def predict_indices(model: torch.nn.Module, C, dataset, indices: Sequence[int], 
                                 f"restricts the prediction to the classes of its ground "
                                 f"truth; use a list with labels or --set "
                                 f"eval_class_mask=false")
-            classes = image_level_label(item["label"], C.num_classes)
+            classes = image_level_label(item["label"], C.num_classes, item.get("fn", "")) > 0
         yield item, evaluator.predict(item["data"], classes), evaluator
 
 

@@ -73,7 +73,7 @@ def _builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        from . import dueb_options, eln_options, u2pl_options  # noqa: F401
+        from . import dueb_options, eln_options, lpl_options, u2pl_options  # noqa: F401
 
 
 def option_groups() -> List[OptionGroup]:

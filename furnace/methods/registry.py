@@ -30,7 +30,7 @@ def register(cls: Optional[Type[Method]] = None, *, name: Optional[str] = None,
 
 def _builtins() -> None:
     """Register the built-in methods (imported on first need, they import torch)."""
-    from . import dueb, eln, supervised, u2pl  # noqa: F401
+    from . import dueb, eln, lpl, supervised, u2pl  # noqa: F401
 
 
 def method_names() -> List[str]:

@@ -1,0 +1,1 @@
+"""Multi-stage recipes built from the engine, the evaluator and the export (LPL's run.py)."""
