@@ -129,3 +129,86 @@ def test_tiny_run_resumes_bit_identically_and_evaluates(voc_root, tmp_path, monk
     # eval.py rebuilds LPL's network and the restricted 2-scale protocol from the checkpoint
     # and evaluates HybridNet: the run's own validation of that epoch
     assert val == [f"{100 * res[0]['miou']:.3f}"]
+
+
+PIPE = ["backbone=resnet18", "backbone_width=8", "head_channels=8", "pretrained_model=none",
+        "amp=off", "image_height=32", "image_width=32", "batch_size=2", "nepochs=1",
+        "niters_per_epoch=2", "num_workers=0", "max_samples=none", "snapshot_iter=1",
+        "train_source=subset_train_aug/train_aug_labeled_1-2.txt", "eval_crf=False",
+        "unsup_source=train_aug.txt", "eval_scale_array=[1]", "eval_flip=False",
+        "num_classes=5", "class_names=none"]
+
+
+@pytest.fixture(scope="module")
+def small_voc(tmp_path_factory):
+    return make_voc(tmp_path_factory.mktemp("voc6"), n_train=6, n_val=2, num_classes=5,
+                    size=(32, 40))
+
+
+def _pipeline(root, out, env_extra=None, torchrun=False):
+    import os
+    import subprocess
+    import sys
+    from helpers import free_port
+    script = ROOT / "exp_voc" / "lplpipeline.py"
+    args = ["-d", "cpu", "--out", str(out), "--set", f"dataset_path={root}", *PIPE]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={free_port()}", str(script), *args]
+    else:
+        cmd = [sys.executable, str(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
+
+
+def _record(folder):
+    return json.loads((folder / "pipeline.json").read_text())["done"]
+
+
+def test_pipeline_stopped_in_the_export_resumes_there(small_voc, tmp_path):
+    """stage 1, its test, export, retrain, retest; killed during the export, the second run
+    neither trains stage 1 again nor predicts the pseudo labels already written."""
+    from furnace.data.datasets import VOCDataset
+    from furnace.eval.export import STOP_AFTER_ENV, png_is_valid
+    out = tmp_path / "runs"
+    first = _pipeline(small_voc, out, {STOP_AFTER_ENV: "2"})
+    assert first.returncode != 0
+    folder = out / "train_aug_labeled_1-2"
+    assert set(_record(folder)) == {"stage1", "test1"}
+    pngs = sorted((folder / "pseudo").glob("*.png"))
+    assert len(pngs) == 2
+    kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in pngs}
+    ck1 = folder / "stage1" / "snapshot" / "epoch-last.pth"
+    stamp = ck1.stat().st_mtime_ns
+
+    second = _pipeline(small_voc, out)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert set(_record(folder)) == {"stage1", "test1", "export", "retrain", "retest"}
+    assert ck1.stat().st_mtime_ns == stamp
+    assert "lpl pipeline: train_aug_labeled_1-2: stage1" not in second.stdout
+    for p, s in kept.items():
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == s
+    assert all(png_is_valid(folder / "pseudo" / f"t{i:04d}.png") for i in range(6))
+    assert "(4 predicted, 2 existing)" in second.stderr
+    assert re.search(r"\| train_aug_labeled_1-2 \| [\d.]+ \| [\d.]+ \|", second.stdout)
+    # the list is the VOC loader's: GT for the 3 labelled ids, the PNGs for the others
+    ds = VOCDataset(str(small_voc), str(folder / "pseudo_list.txt"), mode="eval",
+                    num_classes=5, folder="train_aug")
+    assert ds.paths(0)[1].endswith("train_aug/label/t0000.png")
+    assert ds.paths(5)[1] == str(folder / "pseudo" / "t0005.png")
+    assert set(ds[5]["label"].ravel().tolist()) <= set(range(5))
+    r = _record(folder)
+    assert 0 <= r["test1"]["miou"] <= 1 and 0 <= r["retest"]["miou"] <= 1
+
+
+def test_pipeline_under_two_process_torchrun(small_voc, tmp_path):
+    """The trainings distributed over 2 processes, the export shared between them, the tests
+    on rank 0: every stage finishes and every image has its pseudo label."""
+    out = tmp_path / "runs"
+    res = _pipeline(small_voc, out, torchrun=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    folder = out / "train_aug_labeled_1-2"
+    assert set(_record(folder)) == {"stage1", "test1", "export", "retrain", "retest"}
+    assert len(list((folder / "pseudo").glob("*.png"))) == 6
+    log = next((folder / "stage1").glob("train_*.log")).read_text()
+    assert "world_size=2" in log

@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -177,7 +177,8 @@ def export_pseudo_labels(C, checkpoint_path, list_file: str, out_dir, *,
                          devices: Sequence[str] = ("cpu",), class_mask: bool = True,
                          keep_labelled: Optional[str] = None, list_out=None,
                          overrides: Iterable[str] = (), protocol: str = "checkpoint",
-                         trust_pickle: bool = False) -> Path:
+                         trust_pickle: bool = False, part: Tuple[int, int] = (0, 1)
+                         ) -> Optional[Path]:
     """Write pseudo labels of checkpoint ``checkpoint_path`` for every id of ``list_file``.
 
     C: the experiment's finalised config (data paths); the network keys, and with
@@ -194,6 +195,9 @@ def export_pseudo_labels(C, checkpoint_path, list_file: str, out_dir, *,
     keep_labelled: a list of the pixel-labelled ids (same form as ``list_file``): their lines
         in the written list keep the ground truth.
     list_out: the list file to write (default ``<out_dir>/../<list stem>_<out_dir name>.txt``).
+    part: ``(k, parts)``: export only every ``parts``-th missing image from the k-th (the
+        processes of a distributed run share the work this way) and write no list (None is
+        returned); a call with the default ``(0, 1)`` afterwards checks and lists them all.
     Resumable: images whose PNG exists and decodes are skipped. Returns the written list path.
     """
     from furnace.data.datasets import DataError, build_dataset, canonical_layout, check_root
@@ -236,6 +240,8 @@ def export_pseudo_labels(C, checkpoint_path, list_file: str, out_dir, *,
     pngs = [out / f"{fn}.png" for fn in names]
     todo = [i for i, p in enumerate(pngs) if not png_is_valid(p)]
     n, skipped = len(pngs), len(pngs) - len(todo)
+    k, parts = (int(v) for v in part)
+    todo = todo[k::parts]
 
     devices = list(devices) or ["cpu"]
     items = _ExportItems(dataset, class_mask)
@@ -301,6 +307,8 @@ def export_pseudo_labels(C, checkpoint_path, list_file: str, out_dir, *,
             if p.is_alive() and (error or pending):
                 p.terminate()
             p.join()
+    if parts > 1:
+        return None
     bad = [str(p) for p in pngs if not png_is_valid(p)]
     if bad:
         raise EvalError(f"{len(bad)} pseudo label(s) were not written (e.g. {bad[0]}); run "

@@ -81,10 +81,11 @@ def _train(exp_dir: str, method: str, preset: str, overrides: List[str], info) -
 
 
 def _evaluate(exp_dir: str, ckpt: Path, overrides: List[str], devices: Sequence[str]) -> dict:
-    """The mIoU of one checkpoint with the protocol it recorded (``overrides`` last)."""
+    """The mIoU of one checkpoint with the network, data and protocol it recorded (the
+    stage's config: ``overrides``)."""
     from ..eval.cli import run
     C = load_config(exp_dir, overrides)
-    (r,) = run(C, epochs=str(ckpt), devices=list(devices), overrides=overrides)
+    (r,) = run(C, epochs=str(ckpt), devices=list(devices))
     return {"checkpoint": str(ckpt), "miou": r["miou"], "iou": r["iou"]}
 
 
@@ -117,11 +118,12 @@ def run_subset(exp_dir: str, preset: str, labeled: Optional[str], overrides: Seq
                                   "writes; run that stage first (--stages export retrain)")
             ck = _train(exp_dir, "lpl_retrain", preset, s2, info)
             result = {"checkpoint": str(ck)}
+        elif stage == "export":
+            result = _export(folder, labeled, eval_devices, probe, info)
         else:
             result = {}
             if info.is_main:
-                result = _main_stage(stage, exp_dir, preset, folder, labeled, s1, s2,
-                                     eval_devices, probe)
+                result = _test(stage, exp_dir, preset, folder, s1, s2, eval_devices)
             _barrier(info)
         if info.is_main:
             state.finish(stage, result)
@@ -135,26 +137,29 @@ def _preset_lines(method: str, preset: str) -> List[str]:
     return script_overrides(method, preset)
 
 
-def _main_stage(stage, exp_dir, preset, folder, labeled, s1, s2, devices, probe) -> dict:
-    """The rank-0 stages: the two tests and the export."""
-    ck1 = folder / "stage1" / "snapshot" / "epoch-last.pth"
-    ck2 = folder / "retrain" / "snapshot" / "epoch-last.pth"
+def _test(stage, exp_dir, preset, folder, s1, s2, devices) -> dict:
+    """The two tests (rank 0), each with the protocol its checkpoint recorded."""
     if stage == "test1":
-        return _evaluate(exp_dir, _need(ck1, stage, "stage1"), _preset_lines("lpl", preset)
-                         + s1, devices)
-    if stage == "retest":
-        return _evaluate(exp_dir, _need(ck2, stage, "retrain"),
-                         _preset_lines("lpl_retrain", preset) + s2, devices)
-    from ..data.datasets import resolve_source
+        ck = _need(folder / "stage1" / "snapshot" / "epoch-last.pth", stage, "stage1")
+        return _evaluate(exp_dir, ck, _preset_lines("lpl", preset) + s1, devices)
+    ck = _need(folder / "retrain" / "snapshot" / "epoch-last.pth", stage, "retrain")
+    return _evaluate(exp_dir, ck, _preset_lines("lpl_retrain", preset) + s2, devices)
+
+
+def _export(folder, labeled, devices, probe, info) -> dict:
+    """HybridNet's pseudo labels of every training image (each process a share of them),
+    then rank 0 checks them all and writes the list: GT for the ids of ``labeled``."""
     from ..eval.export import export_pseudo_labels
-    listed = export_pseudo_labels(
-        probe, _need(ck1, stage, "stage1"), resolve_source(probe.dataset_path,
-                                                           probe.unsup_source),
-        folder / "pseudo", devices=tuple(devices),
-        keep_labelled=resolve_source(probe.dataset_path, labeled))
-    if Path(listed) != folder / "pseudo_list.txt":
-        os.replace(listed, folder / "pseudo_list.txt")
-    return {"list": str(folder / "pseudo_list.txt")}
+    ck = _need(folder / "stage1" / "snapshot" / "epoch-last.pth", "export", "stage1")
+    listed = folder / "pseudo_list.txt"
+    args = (probe, ck, probe.unsup_source, folder / "pseudo")
+    kw = dict(devices=tuple(devices), keep_labelled=labeled, list_out=listed)
+    if info.distributed:
+        export_pseudo_labels(*args, part=(info.rank, info.world_size), **kw)
+        _barrier(info)
+    if info.is_main:
+        export_pseudo_labels(*args, **kw)
+    return {"list": str(listed)}
 
 
 def _need(path: Path, stage: str, before: str) -> Path:
