@@ -212,3 +212,24 @@ def test_pipeline_under_two_process_torchrun(small_voc, tmp_path):
     assert len(list((folder / "pseudo").glob("*.png"))) == 6
     log = next((folder / "stage1").glob("train_*.log")).read_text()
     assert "world_size=2" in log
+
+
+def test_retrain_loader_keeps_the_list_order_unless_asked(voc_root, tmp_path):
+    """Stage 2's loader reads its list in one fixed order every epoch (the reference's
+    shuffle=False); lpl.shuffle=True draws a new order per epoch."""
+    from furnace.data.loader import TrainLoaders
+    from furnace.methods.lpl import LPLRetrain
+    from furnace.methods.presets import script_overrides
+    base = list(TINY) + [f"dataset_path={voc_root}", f"log_dir={tmp_path}", "num_classes=5",
+                         "class_names=none", "train_source=train_aug.txt"]
+    orders = {}
+    for shuffle in (False, True):
+        C = load_config(ROOT / "exp_voc", base + [f"lpl.shuffle={shuffle}"], env={},
+                        preset=script_overrides("lpl_retrain", "voc"))
+        sampler = TrainLoaders(C, streams=LPLRetrain.stream_specs()).samplers[0]
+        orders[shuffle] = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            orders[shuffle].append([i for i, _ in sampler])
+    assert orders[False] == [list(range(8))] * 2
+    assert orders[True][0] != orders[True][1] and sorted(orders[True][0]) == list(range(8))

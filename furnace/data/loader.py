@@ -62,12 +62,18 @@ class StreamSpec:
     ``dataset``: ``dataset(C, source, index, file_length)`` returns the stream's dataset
     (None: :func:`build_train_dataset` of ``source``); it must accept the sampler's
     (index, epoch) pairs and have length ``file_length``, like the framework's datasets.
+    ``shuffle``: ``shuffle(C)`` says whether the sampler draws a new order every epoch (None:
+    yes); False keeps the list's order every epoch (a reference loader with shuffle=False).
     """
     name: str
     source: str = "train"
     index: int = 0
     collate: Optional[Callable[[Any], Callable]] = None
     dataset: Optional[Callable[..., Any]] = None
+    shuffle: Optional[Callable[[Any], bool]] = None
+
+    def shuffles(self, C) -> bool:
+        return True if self.shuffle is None else bool(self.shuffle(C))
 
     def collate_fn(self, C) -> Callable:
         return seg_collate if self.collate is None else self.collate(C)
@@ -209,7 +215,8 @@ class TrainLoaders:
                                  f"got {s.source!r}")
         self.datasets = [s.build_dataset(C, self.max_samples) for s in self.streams]
         self.samplers = [
-            EpochTaggedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+            EpochTaggedSampler(ds, num_replicas=self.world_size, rank=self.rank,
+                               shuffle=s.shuffles(C),
                                seed=self.seed + s.index * _SEED_STRIDE, drop_last=True)
             for s, ds in zip(self.streams, self.datasets)]
         self.batches_per_pass = len(self.samplers[0]) // self.batch_size

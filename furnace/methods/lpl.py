@@ -80,6 +80,12 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _retrain_shuffles(C: Config) -> bool:
+    """Stage 2's loader: one fixed order every epoch (``lpl.shuffle=False``, the reference's
+    shuffle=False: the pixel-labelled images first) or a new one per epoch."""
+    return bool(C.lpl.shuffle)
+
+
 STREAMS = (StreamSpec("strong", "train", 0, dataset=lpl_strong_dataset),
            StreamSpec("weak", "unlabeled", 1, dataset=lpl_weak_dataset))
 
@@ -204,7 +210,8 @@ class LPLRetrain(Method):
     rest), the strong augmentation."""
 
     name = "lpl_retrain"
-    streams = (StreamSpec("labeled", "train", 0, dataset=lpl_retrain_dataset),)
+    streams = (StreamSpec("labeled", "train", 0, dataset=lpl_retrain_dataset,
+                          shuffle=_retrain_shuffles),)
     presets = BUILTIN_PRESETS["lpl_retrain"]
     option_group = OPTIONS
 

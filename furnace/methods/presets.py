@@ -112,8 +112,8 @@ LPL_RETRAIN_VOC = _LPL_COMMON + [
     "snapshot_iter=1", "snapshot_keep=2"]
 # the demo keeps its budget, data, network and lr schedule (every demo-table row does); the
 # strong half is its labelled list, the weak half every training image (labelled first)
-_LPL_DEMO = ["voc_train_folder=train_aug", "output_stride=8", "momentum=0.9", "weight_decay=4e-05", "eval_resize=image",
-             "eval_absent_iou=zero", "lpl.lr_mults=[1.0,1.0,1.0]"]
+_LPL_DEMO = ["voc_train_folder=train_aug", "output_stride=8", "momentum=0.9", "weight_decay=4e-05",
+             "lpl.lr_mults=[1.0,1.0,1.0]"]
 LPL_DEMO = _LPL_DEMO + ["train_source=lpl_labeled.txt", "unsup_source=lpl_all.txt",
                         "image_labels=masks", "eval_class_mask=True"]
 LPL_RETRAIN_DEMO = _LPL_DEMO + ["eval_class_mask=False"]
