@@ -38,7 +38,7 @@ def test_groups_come_from_the_registry_and_config_names_no_method():
     assert {"furnace.methods.dueb_options", "furnace.methods.u2pl_options"} <= \
         set(modules.split()) <= {"furnace.methods.options", "furnace.methods.presets",
                                  "furnace.methods.dueb_options", "furnace.methods.u2pl_options",
-                                 "furnace.methods.eln_options"}
+                                 "furnace.methods.eln_options", "furnace.methods.lpl_options"}
     assert torch_loaded == "False"
     imports = [l.strip() for l in (ROOT / "furnace" / "config.py").read_text().splitlines()
                if l.strip().startswith(("import ", "from "))]

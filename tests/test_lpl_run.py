@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers import make_voc, run_script, script_args, torchrun_script
+from helpers import make_voc, run_script, script_args
 from furnace.config import load_config
 from furnace.engine import checkpoint as ck
 

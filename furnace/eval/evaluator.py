@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import amp_dtype, autocast
+from ..resize import upsample as _upsample
 
 Window = Tuple[int, int, int, int]
 
@@ -83,11 +84,6 @@ def restricted_argmax(score: torch.Tensor, classes) -> torch.Tensor:
         raise ValueError("classes marks no class present; the restricted argmax needs one")
     low = torch.finfo(score.dtype).min if score.is_floating_point() else -(2 ** 62)
     return score.masked_fill(~keep[:, None, None], low).argmax(0)
-
-
-def _upsample(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear, align_corners=True resize of [B, K, h, w] to [B, K, *size] (U2PL's choice)."""
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=True)
 
 
 # ----------------------------------------------------------------------------- window grid

@@ -21,12 +21,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..resize import upsample
+
 IGNORE = 255
 Number = Union[int, float, torch.Tensor]
-
-
-def upsample(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def sup_ce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

@@ -51,10 +51,11 @@ from ..data.loader import StreamSpec
 from ..data.strong import weak_strong_collate
 from ..engine.lr import ConstantLR
 from ..losses.eln import (draw_windows, eln_loss, eln_pseudo_labels, filtered_pseudo_ce,
-                          gated_aux_loss, pixel_contrastive, sup_ce, upsample)
+                          gated_aux_loss, pixel_contrastive, sup_ce)
 from ..models.eln import ELNDecoder, ELNSegNet, ErrorLocalizationNet
 from ..models.network import norm_from_config
 from ..precision import autocast
+from ..resize import upsample
 from .base import Method, MethodContext
 from .common import ema_update
 from .eln_options import OPTIONS  # C.eln: defaults, checks (torch-free)

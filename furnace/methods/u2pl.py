@@ -49,6 +49,7 @@ from ..losses.reliability import (entropy, entropy_masks, keep_percent,
                                   reliable_pseudo_label_loss, unreliable_percent)
 from ..models import u2pl_network_from_config
 from ..precision import autocast, upcast
+from ..resize import upsample
 from .base import Method, MethodContext
 from .groups import ReferenceGroups, group_seed
 from .presets import BUILTIN_PRESETS
@@ -78,11 +79,6 @@ def draw_generator(seed: int, iteration: int, group: int) -> torch.Generator:
     """The CPU generator of a group's contrastive draws at one iteration
     (:func:`~furnace.methods.groups.group_seed`)."""
     return torch.Generator().manual_seed(group_seed(seed, iteration, group))
-
-
-def upsample(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear with align_corners=True, the reference's resize of every logit map."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 def downsample_labels(label: torch.Tensor, size) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..resize import upsample
 from .resnet import RESNET_SPECS, BasicBlock, ResNet
 from .weights import _extract_state_dict, load_backbone_weights
 
@@ -36,11 +37,6 @@ __all__ = ["ELNASPP", "ELNDecoder", "ELNSegNet", "ErrorLocalizationNet", "eln_in
 PathLike = Union[str, os.PathLike]
 ASPP_RATES = (1, 6, 12, 18)
 LOW_CHANNELS = 48
-
-
-def upsample(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear with align_corners=True (every resize of the reference)."""
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def reference_init(module: nn.Module) -> None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..resize import upsample as _upsample
 from .network import norm_from_config
 from .resnet import RESNET_SPECS, ResNet, resnet_name
 from .weights import load_backbone_weights
@@ -37,11 +38,6 @@ PathLike = Union[str, os.PathLike]
 ASPP_RATES = (6, 12, 18)  # the reference's [0, 6, 12, 18]: 0 = the 1x1 branch
 DROPOUT = 0.5
 LR_MULTS = (1.0, 1.0, 10.0)  # backbone, head, cls_conv (TRAIN_LR_RATE)
-
-
-def _upsample(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear, align_corners=True (every resize of the reference network)."""
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel_size: int, norm_layer,
