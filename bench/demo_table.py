@@ -20,6 +20,8 @@ of `sup`. Rows with more seeds than others: run the script once per seed list in
     dueb     full DUEB (train.py)
     u2pl     U2PL (trainu2pl.py: mean teacher, reliable pseudo labels, contrastive loss)
     u2plsup  U2PL's SupOnly baseline (trainu2pl_suponly.py: its network, labelled data only)
+    lpl      LPL's retrained network (lplpipeline.py: stage 1 with the image-level labels of
+             every image, export, retrain; semi-and-weakly supervised, the same pixel labels)
     full     supervised only on all training labels (the upper bound)
 
 Each run is the code path of the experiment scripts (furnace.engine.trainer.train, then
@@ -55,17 +57,21 @@ METHODS = {
     "dueb": ("DUEB (train.py)", "dueb", "full", []),
     "u2pl": ("U2PL (trainu2pl.py)", "u2pl", "demo", []),
     "u2plsup": ("U2PL SupOnly", "u2pl_suponly", "demo", []),
+    # the pipeline, not one script: stage 1, export, retrain; the retrained network's mIoU
+    "lpl": ("LPL retrained (+ image labels)", "lpl", "demo", []),
     # every training image labelled: the full list as the labelled source
     "full": ("supervised, all labels", "supervised", None,
              ["train_source=train_aug.txt", "num_train_imgs=1000"]),
 }
 COLOURS = {"sup": "#999", "cpcl": "#6a9", "trainal": "#59c", "traine": "#c95", "dueb": "#c55",
-           "u2pl": "#95c", "u2plsup": "#bbb", "full": "#555"}
+           "u2pl": "#95c", "u2plsup": "#bbb", "lpl": "#a83", "full": "#555"}
 
 
 def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) -> dict:
     """Train and evaluate one method/seed; returns its row."""
     _, name, preset, extra = METHODS[method]
+    if name == "lpl":
+        return run_lpl(seed, ratio, overrides, device, tmp)
     C = load_config(ROOT / "exp_demo",
                     [f"labeled_ratio={ratio}", f"seed={seed}", f"log_dir={tmp / method}_{seed}",
                      "snapshot_keep=1", "tb_images_every=0", "eval_every=0", *extra, *overrides],
@@ -78,6 +84,22 @@ def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) ->
             "miou": 100 * res["miou"], "pixel_acc": 100 * res["pixel_acc"], "train_s": wall,
             "iou": [round(100 * v, 2) for v in res["iou"]],
             "device": str(device)}
+
+
+def run_lpl(seed: int, ratio: int, overrides, device, tmp: Path) -> dict:
+    """LPL's pipeline on the demo (stage 1, its test, export, retrain, retest) in
+    ``tmp/lpl_<seed>``, resumed there if a run stopped; the row is the retrained network."""
+    from furnace.pipelines.lpl import run_subset
+    keys = [f"labeled_ratio={ratio}", f"seed={seed}", "snapshot_keep=1", "tb_images_every=0",
+            "eval_every=0", *overrides]
+    t0 = time.time()
+    _, done = run_subset(str(ROOT / "exp_demo"), "demo", None, keys, DistInfo(device=device),
+                         eval_devices=[str(device)], out=str(tmp / f"lpl_{seed}"))
+    r = done["retest"]
+    return {"method": "lpl", "seed": seed, "ratio": ratio, "overrides": list(overrides),
+            "miou": 100 * r["miou"], "pixel_acc": 100 * r["pixel_acc"],
+            "train_s": time.time() - t0, "iou": [round(100 * v, 2) for v in r["iou"]],
+            "stage1_miou": 100 * done["test1"]["miou"], "device": str(device)}
 
 
 def mean_std(values) -> str:
@@ -170,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="")
     ap.add_argument("--out", default=None, help="default: img/demo_table_r<ratio>")
     ap.add_argument("--set", dest="overrides", nargs="+", default=[])
+    ap.add_argument("--work", default=None,
+                    help="folder of the runs (default: a temporary one, deleted at the end)")
     ap.add_argument("--cached-only", action="store_true",
                     help="tabulate the runs in the cache only (missing ones show as –)")
     args = ap.parse_args(argv)
@@ -186,6 +210,7 @@ def main(argv=None) -> int:
     have = {key(r): r for r in done}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.work or tmp
         for method in args.methods:
             for seed in args.seeds:
                 k = (method, seed, args.ratio, tuple(args.overrides))

@@ -86,7 +86,8 @@ def _evaluate(exp_dir: str, ckpt: Path, overrides: List[str], devices: Sequence[
     from ..eval.cli import run
     C = load_config(exp_dir, overrides)
     (r,) = run(C, epochs=str(ckpt), devices=list(devices))
-    return {"checkpoint": str(ckpt), "miou": r["miou"], "iou": r["iou"]}
+    return {"checkpoint": str(ckpt), "miou": r["miou"], "pixel_acc": r["pixel_acc"],
+            "iou": r["iou"]}
 
 
 def run_subset(exp_dir: str, preset: str, labeled: Optional[str], overrides: Sequence[str],
