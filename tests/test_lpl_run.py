@@ -101,12 +101,16 @@ def test_schedules_hybrid_poly_pseudo_constant(voc_root, tmp_path):
 def test_tiny_run_resumes_bit_identically_and_evaluates(voc_root, tmp_path, monkeypatch):
     script = ROOT / "exp_voc" / "trainlpl.py"
     straight, split = tmp_path / "a", tmp_path / "b"
-    args = lambda out, extra=(): script_args(voc_root, out, TINY, extra)  # noqa: E731
+    # validated after each epoch: the file resumed after epoch 1 holds a best mIoU per network
+    args = lambda out, extra=(): script_args(voc_root, out, TINY,  # noqa: E731
+                                             ["eval_every=1", "nepochs=3", *extra])
     run_script(script, args(straight), monkeypatch)
-    run_script(script, args(split, ["stop_after_epoch=0"]), monkeypatch)
+    run_script(script, args(split, ["stop_after_epoch=1"]), monkeypatch)
+    resumed = ck.load_file(split / "log" / "snapshot" / "epoch-last.pth")
+    assert set(resumed["best_miou"]) == {"hybrid", "pseudo"}
     run_script(script, ["-c", "last"] + args(split), monkeypatch)
-    a = ck.load_file(straight / "log" / "snapshot" / "epoch-1.pth")
-    b = ck.load_file(split / "log" / "snapshot" / "epoch-1.pth")
+    a = ck.load_file(straight / "log" / "snapshot" / "epoch-2.pth")
+    b = ck.load_file(split / "log" / "snapshot" / "epoch-2.pth")
     assert a["method"] == "lpl" and {"hybrid", "pseudo", "optimizer_hybrid",
                                      "optimizer_pseudo"} <= set(a)
     for key in ("hybrid", "pseudo"):
@@ -119,8 +123,8 @@ def test_tiny_run_resumes_bit_identically_and_evaluates(voc_root, tmp_path, monk
     log = next((straight / "log").glob("train_*.log")).read_text()
     for word in ("sup=", "pseudo=", "cls=", "pct=", "w="):
         assert word in log, word
-    val = re.findall(r"# val epoch 2 hybrid: mIoU ([\d.]+)%", log)
-    assert len(val) == 1 and re.search(r"# val epoch 2 pseudo: mIoU", log)
+    val = re.findall(r"# val epoch 3 hybrid: mIoU ([\d.]+)%", log)
+    assert len(val) == 1 and re.search(r"# val epoch 3 pseudo: mIoU", log)
 
     from furnace.eval.cli import main as eval_main
     data = ["--set", f"dataset_path={voc_root}", f"log_dir={straight / 'log'}",

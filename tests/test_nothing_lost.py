@@ -363,6 +363,7 @@ def real_checkpoint(voc_root, tmp_path_factory):
     ("method", 7, "method"),
     ("method", "bogus", "bogus"),
     ("best_miou", float("nan"), "best_miou"),
+    ("best_miou", {"hybrid": 1.5}, "best_miou"),      # one best per eval model, each <= 1
     ("extra", [1, 2], "extra"),
     ("rng", {"python": 1}, "rng"),
     ("optimizer_1", {"state": {}, "param_groups": "x"}, "optimizer_1"),

@@ -303,8 +303,13 @@ def check_resume_fields(ckpt: Any, path: os.PathLike, nepochs: int,
         raise bad("epoch", "the last completed epoch (the file holds no position)")
     if ckpt.get("best_miou") is not None:
         v = ckpt["best_miou"]
-        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
-            raise bad("best_miou", "none or a number in [0, 1]")
+        # a method with several eval models keeps one best per name
+        values = list(v.values()) if isinstance(v, Mapping) and all(
+            isinstance(k, str) for k in v) else [v]
+        if not all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)
+                                 and 0 <= x <= 1) for x in values):
+            raise bad("best_miou", "none, a number in [0, 1], or a dict of such numbers by "
+                                   "eval model name")
     for field in ("extra", "rng", "config", "snapshot_files"):
         if ckpt.get(field) is not None and not isinstance(ckpt[field], Mapping):
             raise bad(field, "a dict")

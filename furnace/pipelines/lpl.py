@@ -213,6 +213,14 @@ def main(exp_dir: str, preset: str, argv: Optional[Sequence[str]] = None) -> int
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        trainer = sys.modules.get("furnace.engine.trainer")
+        if trainer is None or not isinstance(e, trainer.TrainingInterrupted):
+            raise
+        # a preemption signal: the training saved its checkpoint; this command resumes it
+        print(f"interrupted by {e.signame}; saved {e.path}; run the same command again to "
+              "resume the pipeline in this stage", file=sys.stderr)
+        return 128 + e.signum
     finally:
         cleanup()
     return 0
