@@ -38,7 +38,8 @@ bench/losses.py; weights, optimiser state and inputs excluded, gradients include
 sides' ``.grad`` are dropped before). The resident set size cannot be split by side in one
 process (the allocator reuses the pages one side frees for the other): the process's peak RSS
 is printed once. Ratios are ours / original (below 1: ours is faster or smaller).
-``--profile N`` adds each side's N most expensive ops (torch profiler, self CPU time).
+``--profile N`` adds each side's N most expensive ops (torch profiler: by self CPU time and
+by self memory).
 """
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="also print each side's N ops of most self CPU time")
+                    help="also print each side's N ops of most self CPU time and memory")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -252,11 +253,15 @@ def main(argv=None) -> int:
     alloc = {k: peak_bytes(fn, leaves) for k, fn in runs.items()}
     if args.profile:
         for k, fn in runs.items():
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            for p in leaves:
+                p.grad = None
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                        profile_memory=True) as p:
                 fn()
-            print(f"-- {k}: the {args.profile} ops of most self CPU time")
-            print(p.key_averages().table(sort_by="self_cpu_time_total",
-                                         row_limit=args.profile))
+            for key, what in (("self_cpu_time_total", "self CPU time"),
+                              ("self_cpu_memory_usage", "self memory (allocated - freed)")):
+                print(f"-- {k}: the {args.profile} ops of most {what}")
+                print(p.key_averages().table(sort_by=key, row_limit=args.profile))
     med = {k: statistics.median(v) for k, v in times.items()}
     mib = 2 ** 20
     print(f"ELN stage-3 iteration on CPU: ResNet-{args.backbone} student + teacher, ELN "
