@@ -20,6 +20,8 @@ of `sup`. Rows with more seeds than others: run the script once per seed list in
     dueb     full DUEB (train.py)
     u2pl     U2PL (trainu2pl.py: mean teacher, reliable pseudo labels, contrastive loss)
     u2plsup  U2PL's SupOnly baseline (trainu2pl_suponly.py: its network, labelled data only)
+    eln      ELN (traineln.py: mean teacher, pseudo labels filtered by an error-localisation
+             network, contrastive loss; three stages)
     lpl      LPL's retrained network (lplpipeline.py: stage 1 with the image-level labels of
              every image, export, retrain; semi-and-weakly supervised, the same pixel labels)
     full     supervised only on all training labels (the upper bound)
@@ -57,6 +59,7 @@ METHODS = {
     "dueb": ("DUEB (train.py)", "dueb", "full", []),
     "u2pl": ("U2PL (trainu2pl.py)", "u2pl", "demo", []),
     "u2plsup": ("U2PL SupOnly", "u2pl_suponly", "demo", []),
+    "eln": ("ELN (traineln.py)", "eln", "demo", []),
     # the pipeline, not one script: stage 1, export, retrain; the retrained network's mIoU
     "lpl": ("LPL retrained (+ image labels)", "lpl", "demo", []),
     # every training image labelled: the full list as the labelled source
@@ -64,7 +67,7 @@ METHODS = {
              ["train_source=train_aug.txt", "num_train_imgs=1000"]),
 }
 COLOURS = {"sup": "#999", "cpcl": "#6a9", "trainal": "#59c", "traine": "#c95", "dueb": "#c55",
-           "u2pl": "#95c", "u2plsup": "#bbb", "lpl": "#a83", "full": "#555"}
+           "u2pl": "#95c", "u2plsup": "#bbb", "eln": "#5a8", "lpl": "#a83", "full": "#555"}
 
 
 def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) -> dict:

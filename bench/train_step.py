@@ -27,6 +27,17 @@ pass on the unlabelled batch, CutMix, student and train-mode teacher passes on [
 mixed], reliable pseudo-label CE, contrastive loss with its queues, SGD step, EMA update) on
 the same labelled and unlabelled images (B=2 each), its own network (U2PL decoder, output
 stride 8, representation head); speed-up and memory ratio are against the literal DUEB step.
+
+The ``eln`` row is one ELN iteration in stage 3, the most expensive (``furnace.methods.eln``:
+supervised CE, the auxiliary decoders' gated CE and the ELN's BCE on three predictions, the
+student on the weak and the strong view, the teacher and the ELN on the weak view, the
+filtered pseudo-label CE on both views, the windowed pixel contrastive loss on both, one
+AdamW step, the EMA update) on the same labelled and unlabelled images (B=2 each; the
+second unlabelled batch serves as the strong view), ELN's own networks at their reference
+widths (classic-stem ResNet at output stride 16, DeepLabv3+ decoder with projection head, two
+auxiliary decoders, the ELN's ResNet-34), random weights, one reference group; speed-up and
+memory ratio against the literal DUEB step. ``bench/eln_reference.py`` compares it with the
+original code.
 """
 from __future__ import annotations
 
@@ -50,6 +61,8 @@ from furnace.config import load_config  # noqa: E402
 from furnace.methods.dueb import DUEBStep, make_optimizer  # noqa: E402
 from furnace.methods import MethodContext  # noqa: E402
 from furnace.methods.u2pl import U2PL  # noqa: E402
+from furnace.methods.eln import ELN  # noqa: E402
+from furnace.methods.presets import script_overrides  # noqa: E402
 from furnace.models import build_network  # noqa: E402
 from literal import LiteralBayesCE, literal_energy, literal_pseudo, literal_unsup_ce  # noqa: E402
 from losses import peak_bytes  # noqa: E402
@@ -132,6 +145,39 @@ def u2pl_step(method, batch):
     return values
 
 
+def eln_config(backbone, size, B, amp="off"):
+    """ELN's VOC settings (its network: classic stem, output stride 16, 256-channel decoder)
+    at the bench's backbone, crop and batch, random weights, one reference group."""
+    return load_config(os.path.join(ROOT, "exp_voc"),
+                       [f"backbone={backbone}", "pretrained_model=none", f"batch_size={B}",
+                        f"image_height={size}", f"image_width={size}", f"amp={amp}",
+                        "eln.eln_pretrained=none", "reference_gpus=1",
+                        f"num_classes={NUM_CLASSES}"],
+                       env={}, preset=script_overrides("eln", "voc"))
+
+
+def eln_method(C, device, B, amp=None):
+    """An ELN ready for stage-3 iterations (the teacher copied from the student)."""
+    m = ELN(C, MethodContext(device=device, batch_per_process=B, amp=amp, niters_per_epoch=10))
+    m.train_mode()
+    m.on_epoch_start(m.eln_epoch, resumed=False)
+    return m
+
+
+def eln_step(method, batch):
+    """One engine iteration of ELN in stage 3 (epoch eln.eln_epoch)."""
+    lab, u0, u1 = batch
+    epoch = method.eln_epoch
+    opt = method.optimizers["optimizer"]
+    opt.zero_grad(set_to_none=method.zero_grad_set_to_none)
+    _, terms, _ = method.train_step([lab, {"data": u0["data"], "strong": u1["data"]}],
+                                    iteration=25, epoch=epoch, backward=torch.Tensor.backward)
+    values = torch.stack([v.float() for v in terms.values()]).tolist()
+    opt.step()
+    method.after_step(iteration=25, epoch=epoch)
+    return values
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -172,6 +218,8 @@ def bench_one(backbone, size, device, repeat, B=2):
             "literal": lambda: literal_step(lit_model, lit_opts, batch)}
     u2pls = [U2PL(C, MethodContext(device=device, batch_per_process=B, niters_per_epoch=10))]
     runs["u2pl"] = lambda: u2pl_step(u2pls[0], batch)
+    elns = [eln_method(eln_config(backbone, size, B), device, B)]
+    runs["eln"] = lambda: eln_step(elns[0], batch)
     if device.type == "cuda":
         # the speed option against the faithful fp32 default (amp=bf16, and with fused passes)
         bf16 = torch.bfloat16
@@ -185,6 +233,8 @@ def bench_one(backbone, size, device, repeat, B=2):
         u2pls.append(U2PL(C, MethodContext(device=device, batch_per_process=B, amp=bf16,
                                            niters_per_epoch=10)))
         runs["u2pl bf16"] = lambda: u2pl_step(u2pls[1], batch)
+        elns.append(eln_method(eln_config(backbone, size, B, "bf16"), device, B, amp=bf16))
+        runs["eln bf16"] = lambda: eln_step(elns[1], batch)
     for u in u2pls:
         u.train_mode()
     times = {k: [] for k in runs}
@@ -194,7 +244,8 @@ def bench_one(backbone, size, device, repeat, B=2):
         for k, fn in runs.items():
             times[k].append(timed(fn, device))
     leaves = list(model.parameters()) + list(lit_model.parameters()) + [
-        p for u in u2pls for net in (u.student, u.teacher) for p in net.parameters()]
+        p for u in u2pls for net in (u.student, u.teacher) for p in net.parameters()] + [
+        p for e in elns for net in e.modules.values() for p in net.parameters()]
     mem = {k: peak(fn, device, leaves) for k, fn in runs.items()}
     return {k: (statistics.median(v), mem[k]) for k, v in times.items()}
 

@@ -219,7 +219,9 @@ class ELN(Method):
             backward(loss / G)
             for k, v in terms.items():
                 total[k] = total.get(k, 0) + _t(v, x_l.device) / G
-        extras = {"image": x_l, "label": y_l, "logits": torch.cat(self._logits)}
+        # upsampled once, after every backward: not held through the backward passes
+        extras = {"image": x_l, "label": y_l,
+                  "logits": upsample(torch.cat(self._logits).float(), y_l.shape[-2:])}
         return total["loss"], total, extras
 
     def _forward(self, net, x, **kw):
@@ -232,7 +234,7 @@ class ELN(Method):
         # 1. supervised
         logits, _ = self._forward(self.student, x_l, with_proj=False)
         sup = sup_ce(logits.float(), y_l)
-        self._logits.append(upsample(logits.detach().float(), y_l.shape[-2:]))
+        self._logits.append(logits.detach())
         loss, terms = sup, {"loss_sup": sup}
         if stage >= 2:
             with autocast(dev.type, amp):

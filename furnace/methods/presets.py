@@ -63,15 +63,19 @@ ELN_VOC = _ELN_COMMON + [
     # the ground truth resized alike
     "train_scale_mode=resize", "eval_mode=resize", "eval_crop_size=505",
     "eln.pre_epoch=70", "eln.eln_epoch=120",
-    # checkpoints as the reference's: stage-3 epochs e % 10 == 0 (e > snapshot_from)
-    "snapshot_iter=10", "snapshot_from=119"]
+    # checkpoints as the reference's: stage-3 epochs e % 10 == 0 (e > snapshot_from); of
+    # those epoch files only the last 2 are kept (each is ~1.6 GiB with the teacher, the ELN,
+    # both aux decoders and AdamW's moments: all 39 would take ~61 GiB; snapshot_keep=none
+    # keeps them as the reference does); epoch-last.pth and best*.pth stay
+    "snapshot_iter=10", "snapshot_from=119", "snapshot_keep=2"]
 ELN_CITY = _ELN_COMMON + [
     "backbone=resnet50",
     "pretrained_model=" + data_root("pytorch-weight", "resnet50-19c8e357.pth"),
     "batch_size=4", "image_height=512", "image_width=1024",
     # a 512 x 1024 crop from the full resolution, no scaling; the whole 1024 x 2048 image
     "train_scale_array=[1]", "train_scale_mode=choice",
-    "eln.pre_epoch=100", "eln.eln_epoch=158", "snapshot_iter=10", "snapshot_from=157"]
+    "eln.pre_epoch=100", "eln.eln_epoch=158", "snapshot_iter=10", "snapshot_from=157",
+    "snapshot_keep=2"]   # ~1.3 GiB per epoch file, 35 would take ~45 GiB (as VOC's)
 # the demo keeps its budget and data; 4 epochs = one of stage 1, one of stage 2, two of
 # stage 3; its 64 x 64 crops give 16 x 16 maps at stride 4, so 8 x 8 contrastive windows; no
 # ImageNet weights, so a higher AdamW lr; batch 8 + 8 as two reference groups of 4 + 4
