@@ -38,6 +38,14 @@ widths (classic-stem ResNet at output stride 16, DeepLabv3+ decoder with project
 auxiliary decoders, the ELN's ResNet-34), random weights, one reference group; speed-up and
 memory ratio against the literal DUEB step. ``bench/eln_reference.py`` compares it with the
 original code.
+
+The ``lpl`` row is one LPL stage-1 iteration (``furnace.methods.lpl``: HybridNet and PseudoNet
+on the labelled and unlabelled images together (B=2 each), the class-aware CE of both, the
+classification loss, the IoU tracker and the weighted cross-training loss, one backward, both
+SGD steps) with LPL's network (deep stem, output stride 8 with PyTorch-Encoding's dilations,
+its DeepLabv3+ head), random weights; the labelled images' image-level labels from their
+labels, the unlabelled ones' two random classes and background. ``bench/lpl_reference.py``
+compares it with the original code.
 """
 from __future__ import annotations
 
@@ -62,6 +70,7 @@ from furnace.methods.dueb import DUEBStep, make_optimizer  # noqa: E402
 from furnace.methods import MethodContext  # noqa: E402
 from furnace.methods.u2pl import U2PL  # noqa: E402
 from furnace.methods.eln import ELN  # noqa: E402
+from furnace.methods.lpl import LPL  # noqa: E402
 from furnace.methods.presets import script_overrides  # noqa: E402
 from furnace.models import build_network  # noqa: E402
 from literal import LiteralBayesCE, literal_energy, literal_pseudo, literal_unsup_ce  # noqa: E402
@@ -178,6 +187,52 @@ def eln_step(method, batch):
     return values
 
 
+def lpl_method(backbone, size, B, device, amp=None):
+    """LPL's stage 1 with its VOC settings at the bench's backbone, crop and batch."""
+    C = load_config(os.path.join(ROOT, "exp_voc"),
+                    [f"backbone={backbone}", "pretrained_model=none", f"batch_size={B}",
+                     f"image_height={size}", f"image_width={size}",
+                     f"amp={'bf16' if amp is torch.bfloat16 else 'off'}",
+                     f"num_classes={NUM_CLASSES}"],
+                    env={}, preset=script_overrides("lpl", "voc"))
+    m = LPL(C, MethodContext(device=device, batch_per_process=B, amp=amp, niters_per_epoch=10))
+    m.train_mode()
+    return m
+
+
+def lpl_batch(batch, seed=0):
+    """The bench batch as LPL's two streams (image-level labels, labelled flags)."""
+    lab, u0, _ = batch
+    g = torch.Generator().manual_seed(seed)
+    B, dev = len(lab["data"]), lab["data"].device
+    y_s = torch.zeros(B, NUM_CLASSES, device=dev)
+    for i in range(B):
+        present = lab["label"][i].clone()
+        present[present == 255] = 0
+        y_s[i, present.unique()] = 1
+    y_w = torch.zeros(B, NUM_CLASSES, device=dev)
+    y_w[:, 0] = 1
+    y_w[torch.arange(B).repeat_interleave(2),
+        torch.randint(1, NUM_CLASSES, (2 * B,), generator=g).to(dev)] = 1
+    strong = {"data": lab["data"], "label": lab["label"], "category": y_s,
+              "is_labelled": torch.ones(B, dtype=torch.bool, device=dev)}
+    weak = {"data": u0["data"], "label": torch.full_like(lab["label"], 255), "category": y_w,
+            "is_labelled": torch.zeros(B, dtype=torch.bool, device=dev)}
+    return [strong, weak]
+
+
+def lpl_step(method, batches):
+    """One engine iteration of LPL's stage 1 (both optimisers step)."""
+    for opt in method.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    _, terms, _ = method.train_step(batches, iteration=25, epoch=0,
+                                    backward=torch.Tensor.backward)
+    values = torch.stack([v.float() for v in terms.values()]).tolist()
+    for opt in method.optimizers.values():
+        opt.step()
+    return values
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -220,6 +275,9 @@ def bench_one(backbone, size, device, repeat, B=2):
     runs["u2pl"] = lambda: u2pl_step(u2pls[0], batch)
     elns = [eln_method(eln_config(backbone, size, B), device, B)]
     runs["eln"] = lambda: eln_step(elns[0], batch)
+    lpls = [lpl_method(backbone, size, B, device)]
+    lbatch = lpl_batch(batch)
+    runs["lpl"] = lambda: lpl_step(lpls[0], lbatch)
     if device.type == "cuda":
         # the speed option against the faithful fp32 default (amp=bf16, and with fused passes)
         bf16 = torch.bfloat16
@@ -235,6 +293,8 @@ def bench_one(backbone, size, device, repeat, B=2):
         runs["u2pl bf16"] = lambda: u2pl_step(u2pls[1], batch)
         elns.append(eln_method(eln_config(backbone, size, B, "bf16"), device, B, amp=bf16))
         runs["eln bf16"] = lambda: eln_step(elns[1], batch)
+        lpls.append(lpl_method(backbone, size, B, device, amp=bf16))
+        runs["lpl bf16"] = lambda: lpl_step(lpls[1], lbatch)
     for u in u2pls:
         u.train_mode()
     times = {k: [] for k in runs}
@@ -245,7 +305,7 @@ def bench_one(backbone, size, device, repeat, B=2):
             times[k].append(timed(fn, device))
     leaves = list(model.parameters()) + list(lit_model.parameters()) + [
         p for u in u2pls for net in (u.student, u.teacher) for p in net.parameters()] + [
-        p for e in elns for net in e.modules.values() for p in net.parameters()]
+        p for e in elns + lpls for net in e.modules.values() for p in net.parameters()]
     mem = {k: peak(fn, device, leaves) for k, fn in runs.items()}
     return {k: (statistics.median(v), mem[k]) for k, v in times.items()}
 
