@@ -24,6 +24,7 @@ of `sup`. Rows with more seeds than others: run the script once per seed list in
              network, contrastive loss; three stages)
     lpl      LPL's retrained network (lplpipeline.py: stage 1 with the image-level labels of
              every image, export, retrain; semi-and-weakly supervised, the same pixel labels)
+    lplk0    the same with lpl.augtime=0 (no RandAugment-like ops: crop only)
     full     supervised only on all training labels (the upper bound)
 
 Each run is the code path of the experiment scripts (furnace.engine.trainer.train, then
@@ -62,19 +63,23 @@ METHODS = {
     "eln": ("ELN (traineln.py)", "eln", "demo", []),
     # the pipeline, not one script: stage 1, export, retrain; the retrained network's mIoU
     "lpl": ("LPL retrained (+ image labels)", "lpl", "demo", []),
+    # the demo's classes are hues: LPL's colour ops (invert, solarize, posterize, ...) erase
+    # them; K = 0 keeps the crop only (strong half of stage 1 and the retrain)
+    "lplk0": ("LPL retrained, augtime 0", "lpl", "demo", ["lpl.augtime=0"]),
     # every training image labelled: the full list as the labelled source
     "full": ("supervised, all labels", "supervised", None,
              ["train_source=train_aug.txt", "num_train_imgs=1000"]),
 }
 COLOURS = {"sup": "#999", "cpcl": "#6a9", "trainal": "#59c", "traine": "#c95", "dueb": "#c55",
-           "u2pl": "#95c", "u2plsup": "#bbb", "eln": "#5a8", "lpl": "#a83", "full": "#555"}
+           "u2pl": "#95c", "u2plsup": "#bbb", "eln": "#5a8", "lpl": "#a83", "lplk0": "#d96",
+           "full": "#555"}
 
 
 def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) -> dict:
     """Train and evaluate one method/seed; returns its row."""
     _, name, preset, extra = METHODS[method]
     if name == "lpl":
-        return run_lpl(seed, ratio, overrides, device, tmp)
+        return run_lpl(method, seed, ratio, [*extra, *overrides], list(overrides), device, tmp)
     C = load_config(ROOT / "exp_demo",
                     [f"labeled_ratio={ratio}", f"seed={seed}", f"log_dir={tmp / method}_{seed}",
                      "snapshot_keep=1", "tb_images_every=0", "eval_every=0", *extra, *overrides],
@@ -89,17 +94,18 @@ def run_one(method: str, seed: int, ratio: int, overrides, device, tmp: Path) ->
             "device": str(device)}
 
 
-def run_lpl(seed: int, ratio: int, overrides, device, tmp: Path) -> dict:
-    """LPL's pipeline on the demo (stage 1, its test, export, retrain, retest) in
-    ``tmp/lpl_<seed>``, resumed there if a run stopped; the row is the retrained network."""
+def run_lpl(method: str, seed: int, ratio: int, keys, overrides, device, tmp: Path) -> dict:
+    """LPL's pipeline on the demo (stage 1, its test, export, retrain, retest) with ``keys``
+    in ``tmp/<method>_<seed>``, resumed there if a run stopped; the row is the retrained
+    network."""
     from furnace.pipelines.lpl import run_subset
     keys = [f"labeled_ratio={ratio}", f"seed={seed}", "snapshot_keep=1", "tb_images_every=0",
-            "eval_every=0", *overrides]
+            "eval_every=0", *keys]
     t0 = time.time()
     _, done = run_subset(str(ROOT / "exp_demo"), "demo", None, keys, DistInfo(device=device),
-                         eval_devices=[str(device)], out=str(tmp / f"lpl_{seed}"))
+                         eval_devices=[str(device)], out=str(tmp / f"{method}_{seed}"))
     r = done["retest"]
-    return {"method": "lpl", "seed": seed, "ratio": ratio, "overrides": list(overrides),
+    return {"method": method, "seed": seed, "ratio": ratio, "overrides": list(overrides),
             "miou": 100 * r["miou"], "pixel_acc": 100 * r["pixel_acc"],
             "train_s": time.time() - t0, "iou": [round(100 * v, 2) for v in r["iou"]],
             "stage1_miou": 100 * done["test1"]["miou"], "device": str(device)}

@@ -171,6 +171,12 @@ def _list_dataset(C, key: str, transform, file_length: Optional[int], stream: in
                          voc_folder=_cfg(C, "voc_train_folder"))
 
 
+def _strong(C):
+    """The strong pipeline with K = ``lpl.augtime`` (the reference's DATA_AUGTIME, 2)."""
+    group = _cfg(C, "lpl") or {}
+    return strong_transform_from_config(C, int(group.get("augtime", 2)))
+
+
 def lpl_dataset(C, source: str, transform, stream: int = 0,
                 file_length: Optional[int] = None) -> LPLDataset:
     """LPLDataset over the list of ``source`` ('train': train_source, 'unlabeled':
@@ -194,7 +200,7 @@ def lpl_strong_dataset(C, source: str = "train", stream: int = 0,
     """The strong stream's dataset (a :class:`~furnace.data.loader.StreamSpec` ``dataset``
     hook): the list of ``source`` (LPL: 'train', the labelled list) with the strong pipeline
     (K = 2), length ``file_length`` (index i reads entry i mod N)."""
-    return lpl_dataset(C, source, strong_transform_from_config(C), stream, file_length)
+    return lpl_dataset(C, source, _strong(C), stream, file_length)
 
 
 def lpl_weak_dataset(C, source: str = "unlabeled", stream: int = 1,
@@ -210,4 +216,4 @@ def lpl_retrain_dataset(C, source: str = "train", stream: int = 0,
     ``source`` (the exported list: GT for the pixel-labelled ids, pseudo-label PNGs for the
     rest) with the strong pipeline; items as every training dataset's (data, label, ...)."""
     key = "train_source" if canonical_mode(source) == "train" else "unsup_source"
-    return _list_dataset(C, key, strong_transform_from_config(C), file_length, stream)
+    return _list_dataset(C, key, _strong(C), file_length, stream)

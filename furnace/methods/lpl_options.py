@@ -13,6 +13,7 @@ from .options import OptionGroup, register_options
 def defaults() -> Config:
     return Config(
         gamma=8.0,                     # PCT admission weight = (min running IoU) ** gamma
+        augtime=2,                     # K: ops per strong sample (k colour, K - k geometric)
         score_momentum=0.99,           # decay of the IoU tracker's counts per iteration
         lr_mults=[1.0, 1.0, 10.0],     # backbone, head, cls_conv lr multipliers
         pseudonet_poly=False,          # False: PseudoNet's lr stays constant (reference)
@@ -27,6 +28,7 @@ def defaults() -> Config:
 def check(C: Config) -> None:
     v = Checks(C)
     v.number("lpl.gamma", 0, low_open=True)
+    v.integer("lpl.augtime", 0)
     v.number("lpl.score_momentum", 0, 1)
     for key in ("pseudonet_poly", "gt_replace", "stable_cce", "shuffle"):
         v.one_of(f"lpl.{key}", (True, False), "True or False")
