@@ -227,10 +227,12 @@ def test_retrain_loader_keeps_the_list_order_unless_asked(voc_root, tmp_path):
     base = list(TINY) + [f"dataset_path={voc_root}", f"log_dir={tmp_path}", "num_classes=5",
                          "class_names=none", "train_source=train_aug.txt"]
     orders = {}
-    for shuffle in (False, True):
-        C = load_config(ROOT / "exp_voc", base + [f"lpl.shuffle={shuffle}"], env={},
-                        preset=script_overrides("lpl_retrain", "voc"))
-        sampler = TrainLoaders(C, streams=LPLRetrain.stream_specs()).samplers[0]
+    for shuffle, k in ((False, 2), (True, 0)):
+        C = load_config(ROOT / "exp_voc", base + [f"lpl.shuffle={shuffle}", f"lpl.augtime={k}"],
+                        env={}, preset=script_overrides("lpl_retrain", "voc"))
+        loaders = TrainLoaders(C, streams=LPLRetrain.stream_specs())
+        assert loaders.datasets[0].transform.augtime == k     # the strong pipeline's K
+        sampler = loaders.samplers[0]
         orders[shuffle] = []
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
