@@ -64,6 +64,25 @@ def test_strong_view_shares_the_geometry_and_is_reproducible():
     assert torch.allclose(plain["strong"], plain["data"], atol=1e-5)
 
 
+def test_strong_view_options_reach_the_collate():
+    """eln.strong_jitter / eln.strong_gray_p (the reference's by default) choose the strong
+    view; a bad jitter is one error naming the key."""
+    import pytest
+    from furnace.config import ConfigError, base_config
+    from furnace.data.strong import weak_strong_collate
+    from furnace.methods.eln_options import check
+    C = base_config()
+    C.image_mean, C.image_std = MEAN, STD
+    assert (weak_strong_collate(C).jitter, weak_strong_collate(C).gray_p) == \
+        ((0.4, 0.4, 0.4, 0.1), 0.2)
+    C.eln.strong_jitter, C.eln.strong_gray_p = [0, 0, 0, 0], 0.0
+    plain = weak_strong_collate(C)(_samples())
+    assert torch.allclose(plain["strong"], plain["data"], atol=1e-5)
+    C.eln.strong_jitter = [0.4, 0.4, 0.4, 0.7]
+    with pytest.raises(ConfigError, match="eln.strong_jitter"):
+        check(C)
+
+
 def test_grayscale_probability():
     g = torch.Generator().manual_seed(0)
     img = torch.rand(3, 4, 4)

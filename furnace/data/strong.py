@@ -82,5 +82,9 @@ class WeakStrongCollate:
 
 
 def weak_strong_collate(C) -> Callable:
-    """The collate of ELN's unlabelled stream (``C.image_mean`` / ``C.image_std``)."""
-    return WeakStrongCollate(C.image_mean, C.image_std)
+    """The collate of ELN's unlabelled stream (``C.image_mean`` / ``C.image_std``; the jitter
+    and grayscale probability from ``C.eln.strong_jitter`` / ``C.eln.strong_gray_p`` when the
+    config has them, else the reference's)."""
+    group = C.get("eln") or {}
+    return WeakStrongCollate(C.image_mean, C.image_std, group.get("strong_jitter", JITTER),
+                             group.get("strong_gray_p", GRAY_P))

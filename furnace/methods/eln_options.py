@@ -29,6 +29,8 @@ def defaults() -> Config:
         student_reset=True,            # stage 3: student <- teacher at every epoch start
         aux_alphas=[20.0, 50.0],       # the auxiliary decoders' gates (one decoder each)
         temperature=0.5,               # contrastive tau
+        # the strong view: ColorJitter(brightness, contrast, saturation, hue), then grayscale
+        strong_jitter=[0.4, 0.4, 0.4, 0.1], strong_gray_p=0.2,
         windows=8, window_size=32,     # contrastive windows per view, side at stride 4
         proj_dim=128,                  # projection-head channels
         backbone_lr_mult=0.1,          # main encoder and ELN backbone lr = lr x this
@@ -62,6 +64,14 @@ def check(C: Config) -> None:
     v.number("eln.ema_decay", 0, 1)
     v.number("eln.temperature", 0, low_open=True)
     v.number("eln.backbone_lr_mult", 0)
+    v.number("eln.strong_gray_p", 0, 1)
+    jitter = C.eln.get("strong_jitter")
+    if not isinstance(jitter, (list, tuple)) or len(jitter) != 4 or not all(
+            isinstance(j, (int, float)) and not isinstance(j, bool) and j >= 0
+            for j in jitter) or jitter[3] > 0.5:
+        raise ConfigError(f"config key 'eln.strong_jitter' must be 4 numbers >= 0 (brightness, "
+                          f"contrast, saturation, hue <= 0.5; reference [0.4, 0.4, 0.4, 0.1]), "
+                          f"got {jitter!r}")
     v.one_of("eln.zero_errors", ("raise", "unit"))
     v.one_of("eln.empty_pseudo", ("nan", "zero"))
     v.one_of("eln.eval_network", ("student", "teacher"))
