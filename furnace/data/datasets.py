@@ -374,6 +374,14 @@ class _Entry:
         self.where = where    # "list:line" for error messages
 
 
+def split_key(key: Union[int, Tuple[int, int]]) -> Tuple[int, Optional[int]]:
+    """A training dataset's item key: a plain index, or the sampler's (index, epoch) pair,
+    as (index, epoch or None)."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    return int(key), None
+
+
 class SegmentationDataset(Dataset):
     """Base class: a parsed list of (image, label) entries plus the mode logic.
 
@@ -468,11 +476,7 @@ class SegmentationDataset(Dataset):
         return idx % len(self.entries)
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Dict[str, Any]:
-        epoch = None
-        if isinstance(key, (tuple, list)):
-            idx, epoch = int(key[0]), int(key[1])
-        else:
-            idx = int(key)
+        idx, epoch = split_key(key)
         i = self._file_index(idx)
         e = self.entries[i]
         if self.mode == "eval":

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from .cutmix import SEED_KEY
 from .datasets import (DataError, SegmentationDataset, _cfg, build_dataset, canonical_layout,
-                       canonical_mode, check_root, resolve_source)
+                       canonical_mode, check_root, resolve_source, split_key)
 from .image_labels import (check_listed, image_labels_source, image_level_label,
                            read_image_label_list)
 from .lpl_aug import strong_transform_from_config, weak_transform_from_config
@@ -117,11 +117,7 @@ class LPLDataset(Dataset):
         return image_level_label(mask, self.num_classes, self.base.paths(i)[1] or e.where)
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Dict[str, Any]:
-        epoch = None
-        if isinstance(key, (tuple, list)):
-            idx, epoch = int(key[0]), int(key[1])
-        else:
-            idx = int(key)
+        idx, epoch = split_key(key)
         i = self.list_index(idx)
         e = self.entries[i]
         is_labelled = e.fn in self.labelled

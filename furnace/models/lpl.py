@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..resize import upsample as _upsample
-from .network import norm_from_config
+from .network import check_net_arguments, norm_from_config
 from .resnet import RESNET_SPECS, ResNet, resnet_name
 from .weights import load_backbone_weights
 
@@ -157,15 +157,8 @@ class LPLNet(nn.Module):
                  norm_layer=nn.BatchNorm2d, pretrained: Optional[PathLike] = None,
                  pretrained_strict: bool = True) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
-        if backbone not in RESNET_SPECS:
-            raise ValueError(f"backbone must be one of {', '.join(map(repr, RESNET_SPECS))}; "
-                             f"got {backbone!r}")
-        for name, value in (("head_channels", head_channels),
-                            ("shortcut_channels", shortcut_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        check_net_arguments(num_classes, backbone, head_channels=head_channels,
+                            shortcut_channels=shortcut_channels)
         self.num_classes = num_classes
         self.backbone_name = backbone
 

@@ -37,6 +37,20 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
+def check_net_arguments(num_classes, backbone: str, **sizes) -> None:
+    """ValueError naming the argument unless ``num_classes`` is an integer >= 2, ``backbone``
+    a ResNet of :data:`RESNET_SPECS` and every ``sizes`` value (channel counts) an integer
+    >= 1 (the networks of U2PL and LPL)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
+    if backbone not in RESNET_SPECS:
+        raise ValueError(f"backbone must be one of {', '.join(map(repr, RESNET_SPECS))}; "
+                         f"got {backbone!r}")
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
 def _check_arguments(num_classes, backbone, output_stride, stem) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2 (the aleatoric loss perturbs "

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .network import norm_from_config
+from .network import check_net_arguments, norm_from_config
 from .resnet import RESNET_SPECS, ResNet, resnet_name
 from .weights import load_backbone_weights
 
@@ -195,14 +195,7 @@ class U2PLNetwork(nn.Module):
                  pretrained: Optional[PathLike] = None, pretrained_strict: bool = True,
                  backbone_width: int = 64) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
-        if backbone not in RESNET_SPECS:
-            raise ValueError(f"backbone must be one of {', '.join(map(repr, RESNET_SPECS))}; "
-                             f"got {backbone!r}")
-        for name, value in (("inner_planes", inner_planes), ("rep_dim", rep_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        check_net_arguments(num_classes, backbone, inner_planes=inner_planes, rep_dim=rep_dim)
         self._num_classes = num_classes
         self.backbone_name = backbone
 
