@@ -407,8 +407,9 @@ class SegEvaluator:
 
     def _scale_process(self, image: torch.Tensor):
         """:meth:`scale_process` (``image`` may also be a normalised float32 [3, h, w]) plus,
-        with ``uncertainty``, the number of forward passes summed into each pixel's score (float32 [h, w]: windows x flips) and the branch
-        pair's summed scores [2, C, h, w] (or None)."""
+        with ``uncertainty``, the number of forward passes summed into each pixel's score
+        (float32 [h, w]: windows x flips) and the branch pair's summed scores [2, C, h, w]
+        (or None)."""
         if image.dtype == torch.uint8:
             h, w = int(image.shape[0]), int(image.shape[1])
             x = self._normalize(image)
