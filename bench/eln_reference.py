@@ -50,7 +50,6 @@ import itertools
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,41 +65,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from losses import peak_bytes  # noqa: E402
+from mirror import extract, git_dir  # noqa: E402
 
 DEFAULT_MIRROR = "/work/.mirror/kinux98+SSL_ELN"
 NUM_CLASSES = 21
 
 
 # -- the original code --------------------------------------------------------------------
-def git_dir(mirror: str) -> str:
-    """The bare git directory of the mirror (``mirror`` itself or ``mirror/repo``)."""
-    for cand in (mirror, os.path.join(mirror, "repo")):
-        ok = subprocess.run(["git", f"--git-dir={cand}", "rev-parse", "--verify", "HEAD"],
-                            capture_output=True, text=True)
-        if ok.returncode == 0:
-            return cand
-    sys.exit(f"eln_reference: no git mirror of kinux98/SSL_ELN at '{mirror}'. Get one with "
-             f"'git clone --mirror https://github.com/kinux98/SSL_ELN {mirror}' (or pass "
-             f"--mirror <path of a clone>); this benchmark needs the original code.")
-
-
-def extract(gdir: str, dest: str) -> str:
-    """Write the mirror's Python files (HEAD) under ``dest``; returns the commit."""
-    commit = subprocess.run(["git", f"--git-dir={gdir}", "rev-parse", "HEAD"],
-                            capture_output=True, text=True, check=True).stdout.strip()
-    names = subprocess.run(["git", f"--git-dir={gdir}", "ls-tree", "-r", "--name-only",
-                            "HEAD"], capture_output=True, text=True, check=True).stdout.split()
-    for name in names:
-        if not name.endswith(".py"):
-            continue
-        path = os.path.join(dest, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(subprocess.run(["git", f"--git-dir={gdir}", "show", f"HEAD:{name}"],
-                                   capture_output=True, check=True).stdout)
-    return commit
-
-
 def install_stubs() -> None:
     """wandb, the ImageNet downloads and .cuda() (module docstring)."""
     wandb = types.ModuleType("wandb")
@@ -196,7 +167,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    gdir = git_dir(args.mirror)
+    gdir = git_dir(args.mirror, "kinux98/SSL_ELN")
     tmp = tempfile.TemporaryDirectory(prefix="eln-original-")
     commit = extract(gdir, tmp.name)
     install_stubs()

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import types
@@ -39,6 +37,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from losses import peak_bytes  # noqa: E402
+from mirror import extract, git_dir  # noqa: E402
 
 MIRROR = "/work/.mirror/YudeWang+Learning-Pseudo-Label/repo"
 C_VOC = 21
@@ -46,21 +45,13 @@ C_VOC = 21
 
 def load_original(mirror: str, tmp: str) -> types.SimpleNamespace:
     """The original ``lib`` package tree, extracted from the mirror's HEAD into ``tmp``."""
-    if not os.path.isdir(mirror):
-        sys.exit(f"error: no mirror of the original code at {mirror}; make one (e.g. git clone "
-                 "--bare https://github.com/YudeWang/Learning-Pseudo-Label) and pass --mirror")
-    tar = os.path.join(tmp, "lib.tar")
-    with open(tar, "wb") as f:
-        subprocess.run(["git", "--git-dir", mirror, "archive", "HEAD", "lib"], stdout=f,
-                       check=True)
-    with tarfile.open(tar) as t:
-        t.extractall(tmp, filter="data")
+    commit = extract(git_dir(mirror, "YudeWang/Learning-Pseudo-Label"), tmp)
     sys.path.insert(0, os.path.join(tmp, "lib"))
     import net  # noqa: F401  (registers the network and the backbones)
     from net.generateNet import generate_net
     from net.loss import ClassLogSoftMax, SegLoss
     return types.SimpleNamespace(generate_net=generate_net, cls_log_softmax=ClassLogSoftMax,
-                                 seg_loss=SegLoss)
+                                 seg_loss=SegLoss, commit=commit)
 
 
 def original_net(orig, backbone: str) -> torch.nn.Module:
@@ -217,7 +208,8 @@ def main(argv=None) -> None:
         torch.manual_seed(7)
         b = theirs(*batch)
         print(f"LPL stage-1 iteration, {args.backbone} OS8, {args.half}+{args.half} images "
-              f"{args.crop}x{args.crop}, C={C_VOC}, fp32, CPU, torch {torch.__version__}, "
+              f"{args.crop}x{args.crop}, C={C_VOC}, fp32, CPU, original "
+              f"YudeWang/Learning-Pseudo-Label@{orig.commit[:7]}, torch {torch.__version__}, "
               f"threads {torch.get_num_threads()}, median of {args.repeat}")
         print("first step from the same weights and RNG state: " + " ".join(
             f"{k}={a[k]:.6f}/{b[k]:.6f}" for k in b) +

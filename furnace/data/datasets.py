@@ -107,23 +107,29 @@ def canonical_mode(mode: str) -> str:
     return _MODE_ALIASES[key]
 
 
+def read_text_lines(path: str, kind: str, missing_hint: str) -> List[str]:
+    """The lines of a text file (CRLF and a UTF-8 BOM tolerated); DataError naming ``kind``
+    and ``path`` when it is not a readable file (``missing_hint``: what to check)."""
+    problem = _path_problem(path)
+    if problem:
+        raise DataError(f"{kind} {path} {problem}")
+    if not os.path.isfile(path):
+        raise DataError(f"{kind} not found: {path} ({missing_hint})")
+    try:
+        with open(path, "r", encoding="utf-8-sig", newline=None) as f:
+            return f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {kind} {path}: {e}") from e
+
+
 def read_list_file(path: str) -> List[Tuple[int, str]]:
     """Non-blank lines of a list file as (1-based line number, line without CR/LF).
 
     Tolerates CRLF line endings and a UTF-8 BOM. Raises DataError if the file is missing or
     holds no entries.
     """
-    problem = _path_problem(path)
-    if problem:
-        raise DataError(f"list file {path} {problem}")
-    if not os.path.isfile(path):
-        raise DataError(f"list file not found: {path} (check dataset_path and the *_source keys; "
-                        f"relative list paths are taken relative to dataset_path)")
-    try:
-        with open(path, "r", encoding="utf-8-sig", newline=None) as f:
-            raw = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read list file {path}: {e}") from e
+    raw = read_text_lines(path, "list file", "check dataset_path and the *_source keys; "
+                          "relative list paths are taken relative to dataset_path")
     lines = [(i + 1, ln.rstrip("\r\n")) for i, ln in enumerate(raw) if ln.strip()]
     if not lines:
         raise DataError(f"list file {path} is empty: it must list one sample per line "

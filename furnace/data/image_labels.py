@@ -16,12 +16,11 @@ path, see :func:`image_labels_source`).
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from .datasets import DataError, _path_problem, resolve_source
+from .datasets import DataError, read_text_lines, resolve_source
 from .transforms import IGNORE_INDEX
 
 #: the ``image_labels`` value that derives the labels from the label PNGs
@@ -66,17 +65,8 @@ def read_image_label_list(path: str, num_classes: int) -> Dict[str, np.ndarray]:
     an integer), a class outside [0, num_classes) and a repeated id raise DataError naming
     ``path:line``.
     """
-    problem = _path_problem(path)
-    if problem:
-        raise DataError(f"image-label list {path} {problem}")
-    if not os.path.isfile(path):
-        raise DataError(f"image-label list not found: {path} (config key image_labels: give "
-                        f"'masks' or a list path, relative to dataset_path or absolute)")
-    try:
-        with open(path, "r", encoding="utf-8-sig", newline=None) as f:
-            raw = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read image-label list {path}: {e}") from e
+    raw = read_text_lines(path, "image-label list", "config key image_labels: give 'masks' or "
+                          "a list path, relative to dataset_path or absolute")
     out: Dict[str, np.ndarray] = {}
     first: Dict[str, int] = {}
     for ln, line in enumerate(raw, 1):

@@ -66,8 +66,7 @@ def _barrier(info) -> None:
 def _train(exp_dir: str, method: str, preset: str, overrides: List[str], info) -> Path:
     """Train (or resume) one stage; returns its final checkpoint."""
     from ..engine.trainer import train
-    from ..methods.presets import script_overrides
-    C = load_config(exp_dir, overrides, preset=script_overrides(method, preset))
+    C = load_config(exp_dir, overrides, preset=_preset_lines(method, preset))
     last = Path(C.snapshot_dir) / "epoch-last.pth"
     resume = str(last) if last.is_file() else None
     if resume is not None:
